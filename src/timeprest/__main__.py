@@ -1,0 +1,3 @@
+from timeprest.cli import run
+
+run()

@@ -1,0 +1,28 @@
+"""Weight-version policies, method presets and the version plan (integers, no tensors)."""
+
+from timeprest.policy.methods import METHODS, Method, get_method, method_names, resolve_policy
+from timeprest.policy.plan import StagePlan, plan_versions
+from timeprest.policy.rules import (
+    BACKWARD_RULES,
+    FORWARD_RULES,
+    GRAD_RULES,
+    Policy,
+    Significance,
+    make_significance,
+)
+
+__all__ = [
+    "BACKWARD_RULES",
+    "FORWARD_RULES",
+    "GRAD_RULES",
+    "METHODS",
+    "Method",
+    "Policy",
+    "Significance",
+    "StagePlan",
+    "get_method",
+    "make_significance",
+    "method_names",
+    "plan_versions",
+    "resolve_policy",
+]

@@ -1,0 +1,149 @@
+"""The version plan: for every action of every stage, which weight versions it reads.
+
+Everything a policy decides follows from the per-stage program order alone
+(version ``k_s`` is the number of ``U`` before an action in stage s's program;
+``vertical`` also looks at stage 0's program), so the plan is computed before
+training, over integers. The engines use it to know when a version may be
+released; the simulator uses it to predict weight memory.
+
+Versions here count from the start of the schedule (the engine adds the
+number of updates applied before it).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from timeprest.errors import ScheduleError
+from timeprest.policy.rules import Policy
+from timeprest.schedule.builders import Schedule
+
+Key = tuple[int, int]  # (minibatch, microbatch)
+
+
+@dataclass(frozen=True)
+class StagePlan:
+    """Version facts of one stage's program.
+
+    ``forward_version[(t, j)]``: the version ``F{t}.{j}`` reads.
+    ``backward_version[(t, j)]``: ``k``, the latest version when micro-batch
+    ``(t, j)`` is backpropagated (its staleness is ``k - v``).
+    ``reads[i]``: versions action ``i`` of the program reads.
+    ``keep_until[v]``: the last program index during which version ``v`` is
+    held (as the latest or as a stashed copy).
+    ``stash_at``: program indices of the ``U`` before which the current
+    latest version must be copied, because a later action still reads it.
+    ``held[i]``: versions held while action ``i`` runs (a ``U`` that stashes
+    counts the copy and the new version); ``transient[i]``: 1 when action
+    ``i`` builds an intermediate weight.
+    """
+
+    stage: int
+    forward_version: dict[Key, int]
+    backward_version: dict[Key, int]
+    reads: tuple[tuple[int, ...], ...]
+    keep_until: dict[int, int]
+    stash_at: frozenset[int]
+    held: tuple[int, ...]
+    transient: tuple[int, ...]
+
+    @property
+    def peak_versions(self) -> int:
+        return max(self.held, default=1)
+
+    @property
+    def peak_with_transient(self) -> int:
+        return max((h + x for h, x in zip(self.held, self.transient)), default=1)
+
+    def staleness(self, t: int, j: int) -> int:
+        return self.backward_version[(t, j)] - self.forward_version[(t, j)]
+
+
+def plan_versions(schedule: Schedule, policy: Policy) -> list[StagePlan]:
+    """Compute the version plan of every stage (raises ScheduleError if a version cannot exist)."""
+    n = schedule.num_microbatches
+    first: dict[Key, int] = {}
+    plans: list[StagePlan] = []
+    for s, prog in enumerate(schedule.programs):
+        k = 0
+        fwd: dict[Key, int] = {}
+        bwd: dict[Key, int] = {}
+        reads: list[tuple[int, ...]] = []
+        transient: list[int] = []
+        for a in prog:
+            if a.kind == "U":
+                reads.append(())
+                transient.append(0)
+                k += 1
+                continue
+            if a.kind == "F":
+                key = (a.minibatch, a.microbatch or 0)
+                if policy.forward == "live":
+                    v = k
+                elif policy.forward == "vertical":
+                    v = first[key] if s > 0 else k
+                    assert v <= k, "vertical sync: stage 0 ran ahead of a later stage's updates"
+                else:  # previous
+                    v = max(0, a.minibatch - 1)
+                    if v > k:
+                        raise ScheduleError(
+                            f"forward rule 'previous' needs version {v} at stage {s} for {a}, "
+                            f"but only {k} updates have been applied there; "
+                            "use the 2bw schedule with N >= W"
+                        )
+                if s == 0:
+                    first[key] = v
+                fwd[key] = v
+                reads.append((v,))
+                transient.append(0)
+                continue
+            rd: set[int] = set()
+            tr = 0
+            for j in a.microbatches(n):
+                key = (a.minibatch, j)
+                v = fwd[key]
+                bwd[key] = k
+                rd.update(policy.backward_reads(v, k))
+                tr = max(tr, int(policy.needs_transient(v, k)))
+            reads.append(tuple(sorted(rd)))
+            transient.append(tr)
+        # when is each version last needed, and when is it replaced as the latest?
+        last_read: dict[int, int] = {}
+        for i, r in enumerate(reads):
+            for v in r:
+                last_read[v] = i
+        replaced: dict[int, int] = {}
+        u = 0
+        for i, a in enumerate(prog):
+            if a.kind == "U":
+                replaced[u] = i
+                u += 1
+        end = len(prog) - 1
+        keep_until: dict[int, int] = {}
+        stash_at: set[int] = set()
+        for v in range(u + 1):
+            if v not in replaced:  # the final latest version
+                keep_until[v] = end
+            elif last_read.get(v, -1) > replaced[v]:
+                keep_until[v] = last_read[v]
+                stash_at.add(replaced[v])
+            else:
+                keep_until[v] = replaced[v] - 1
+        born = {0: 0}
+        born.update({v + 1: i for v, i in replaced.items()})
+        held = tuple(
+            sum(1 for v in keep_until if born[v] <= i <= keep_until[v]) for i in range(len(prog))
+        )
+        plans.append(
+            StagePlan(
+                stage=s,
+                forward_version=fwd,
+                backward_version=bwd,
+                reads=tuple(reads),
+                keep_until=keep_until,
+                stash_at=frozenset(stash_at),
+                held=held,
+                transient=tuple(transient),
+            )
+        )
+    return plans

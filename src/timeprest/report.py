@@ -1,0 +1,61 @@
+"""What every run reports (DESIGN section 8)."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+
+@dataclass
+class StageStep:
+    """Version facts of one mini-batch at one stage.
+
+    ``forward_versions``: the version each micro-batch's forward read.
+    ``backward_version``: the latest version at the backward (``k``).
+    ``staleness``: ``k - v`` per micro-batch.
+    ``relative_distance``: mean over micro-batches of
+    ``||w_backward - w_latest|| / ||w_latest||``.
+    """
+
+    forward_versions: list[int] = field(default_factory=list)
+    backward_version: int = -1
+    staleness: list[int] = field(default_factory=list)
+    relative_distance: float = 0.0
+
+
+@dataclass
+class MinibatchReport:
+    minibatch: int
+    loss: float
+    stages: list[StageStep]
+
+
+@dataclass
+class StageReport:
+    """Per-stage memory figures, measured on the tensors actually held."""
+
+    stage: int
+    weight_bytes: int = 0  # one version of the trainable parameters
+    peak_versions: int = 1  # stored versions held at once (latest included)
+    peak_weight_bytes: int = 0  # held versions plus a transient intermediate weight
+    peak_activation_bytes: int = 0  # saved tensors of in-flight micro-batches
+    activation_bytes: list[int] = field(default_factory=list)  # per micro-batch, forward order
+    optimizer_state_bytes: int = 0
+    updates: int = 0  # version counter: updates applied so far
+
+
+@dataclass
+class Report:
+    stages: list[StageReport] = field(default_factory=list)
+    minibatches: list[MinibatchReport] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def mean_staleness(self, stage: int) -> float:
+        vals = [d for m in self.minibatches for d in m.stages[stage].staleness]
+        return sum(vals) / len(vals) if vals else 0.0
+
+    def mean_relative_distance(self, stage: int) -> float:
+        vals = [m.stages[stage].relative_distance for m in self.minibatches]
+        return sum(vals) / len(vals) if vals else 0.0

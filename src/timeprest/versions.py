@@ -1,0 +1,77 @@
+"""The tensors behind weight versions at one stage, with byte accounting.
+
+The latest version is the stage's live parameters (the optimizer updates
+them in place). Older versions that a later action still reads are kept as
+detached copies ("stashed"), made just before the update that would
+overwrite them and dropped right after their last reader: the version plan
+(:mod:`timeprest.policy.plan`) says when.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+
+def tensor_bytes(tensors: list[Tensor]) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+class VersionStore:
+    """Weight versions of one stage.
+
+    Versions are numbered from 0 (the weights before the first update);
+    ``latest`` is the number of updates applied so far.
+    """
+
+    def __init__(self, params: list[nn.Parameter], latest: int = 0) -> None:
+        self.params = params
+        self.latest = latest
+        self._stash: dict[int, list[Tensor]] = {}
+        self.bytes_per_version = tensor_bytes([p.detach() for p in params])
+        self.peak_versions = 1
+        self.peak_bytes = self.bytes_per_version
+
+    # -- reading -----------------------------------------------------------
+    def get(self, version: int) -> list[Tensor]:
+        """Detached tensors of ``version`` (the live storage for the latest)."""
+        if version == self.latest:
+            return [p.detach() for p in self.params]
+        try:
+            return self._stash[version]
+        except KeyError:
+            held = sorted([*self._stash, self.latest])
+            raise AssertionError(
+                f"weight version {version} is not held (held: {held}); the version plan is wrong"
+            ) from None
+
+    @property
+    def held_versions(self) -> list[int]:
+        return sorted([*self._stash, self.latest])
+
+    @property
+    def held_bytes(self) -> int:
+        return self.bytes_per_version * (1 + len(self._stash))
+
+    # -- changing ----------------------------------------------------------
+    def stash_latest(self) -> None:
+        """Copy the latest version before an update overwrites it."""
+        with torch.no_grad():
+            self._stash[self.latest] = [p.detach().clone() for p in self.params]
+        self.observe()
+
+    def advance(self) -> None:
+        """Record that an update made version ``latest + 1`` from ``latest``."""
+        self.latest += 1
+
+    def release(self, version: int) -> None:
+        self._stash.pop(version, None)
+
+    def observe(self, transient_bytes: int = 0) -> None:
+        """Update the peaks with what is held now (plus a transient intermediate weight)."""
+        self.peak_versions = max(self.peak_versions, 1 + len(self._stash))
+        self.peak_bytes = max(self.peak_bytes, self.held_bytes + transient_bytes)
+
+    def reset_peaks(self) -> None:
+        self.peak_versions = 1 + len(self._stash)
+        self.peak_bytes = self.held_bytes
