@@ -124,7 +124,7 @@ class StageRunner:
         self.optimizer: torch.optim.Optimizer | None = (
             optimizer(self.params) if self.params else None
         )
-        first = next(iter(module.parameters()), None)
+        first: Tensor | None = next(iter(module.parameters()), None)
         if first is None:
             first = next(iter(module.buffers()), None)
         self.device = first.device if first is not None else torch.device("cpu")
@@ -288,6 +288,13 @@ class StageRunner:
         storages = {
             w.untyped_storage().data_ptr(): i for i, w in enumerate(saved.leaves) if w.numel() > 0
         }
+        # Buffers (BatchNorm running statistics) are updated in place by every
+        # forward; autograd saves them although a training-mode backward does
+        # not use their values. Keep a reference instead of a versioned copy,
+        # or the next micro-batch's forward would trip autograd's version check.
+        buffers = {
+            b.untyped_storage().data_ptr(): b for b in self.module.buffers() if b.numel() > 0
+        }
         counted: set[int] = set()
 
         def pack(t: Tensor) -> Any:
@@ -296,12 +303,16 @@ class StageRunner:
             if i is not None and t.device == saved.leaves[i].device:
                 leaf = saved.leaves[i]
                 return ("w", i, t.size(), t.stride(), t.storage_offset() - leaf.storage_offset())
+            if ptr in buffers:
+                return ("b", buffers[ptr])
             if ptr not in counted and ptr != 0:
                 counted.add(ptr)
                 saved.activation_bytes += t.untyped_storage().nbytes()
             return t
 
         def unpack(p: Any) -> Tensor:
+            if isinstance(p, tuple) and p[0] == "b":
+                return p[1]
             if isinstance(p, tuple):
                 _, i, size, stride, off = p
                 w = saved.backward_weights[i]
@@ -388,11 +399,11 @@ class StageRunner:
             out = self._call(leaves, x)
             if self.is_last:
                 out = self._loss(out, saved.target, t, j) * saved.fraction
+        inputs = leaves + ([x] if want_dx else [])
+        res = torch.autograd.grad(out, inputs, grad_outputs=grad_out, allow_unused=True)
         with torch.no_grad():  # the replayed forward must not count twice in BatchNorm statistics
             for b, old in zip(self.module.buffers(), buffers):
                 b.copy_(old)
-        inputs = leaves + ([x] if want_dx else [])
-        res = torch.autograd.grad(out, inputs, grad_outputs=grad_out, allow_unused=True)
         return list(res[: len(leaves)]), (res[-1] if want_dx else None)
 
     # -- update ----------------------------------------------------------------

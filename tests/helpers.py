@@ -1,0 +1,50 @@
+"""Small models and data shared by the tests."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def tanh_mlp_stages(num_stages: int = 3, dtype=torch.float64, seed: int = 0, width: int = 8):
+    """Linear+Tanh stages ending in a Linear: 4 -> width -> ... -> 2."""
+    torch.manual_seed(seed)
+    stages: list[nn.Module] = []
+    dims = [4] + [width] * (num_stages - 1) + [2]
+    for s in range(num_stages):
+        lin = nn.Linear(dims[s], dims[s + 1])
+        stages.append(lin if s == num_stages - 1 else nn.Sequential(lin, nn.Tanh()))
+    return [m.to(dtype) for m in stages]
+
+
+def regression_batches(num=6, rows=8, dtype=torch.float64, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return [
+        (
+            torch.randn(rows, 4, generator=g, dtype=dtype),
+            torch.randn(rows, 2, generator=g, dtype=dtype),
+        )
+        for _ in range(num)
+    ]
+
+
+def sgd(lr=0.1):
+    return lambda params: torch.optim.SGD(params, lr=lr)
+
+
+def plain_sgd(stages, batches, lr=0.1, loss_fn=torch.nn.functional.mse_loss):
+    """Single-process mini-batch SGD on the composed stages: the synchronous reference."""
+    model = nn.Sequential(*stages)
+    opt = torch.optim.SGD(model.parameters(), lr=lr)
+    losses = []
+    for x, y in batches:
+        opt.zero_grad()
+        loss = loss_fn(model(x), y)
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    return losses
+
+
+def flat(stages):
+    return torch.cat([p.detach().reshape(-1) for m in stages for p in m.parameters()])
