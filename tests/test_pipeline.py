@@ -397,3 +397,20 @@ def test_stage_without_parameters():
     pipe = make_pipe(stages, "v-timeprest", 2)
     losses = pipe.train(regression_batches(num=4))
     assert len(losses) == 4 and pipe.version(1) == 4
+
+
+def test_lr_lambda_scales_each_update():
+    # a per-update schedule equals plain SGD with the same per-step learning rates
+    batches = regression_batches(num=5)
+    factors = [1.0, 0.5, 0.25, 2.0, 0.0]
+    ref = tanh_mlp_stages(2)
+    model = nn.Sequential(*ref)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    for (x, y), f in zip(batches, factors):
+        opt.param_groups[0]["lr"] = 0.1 * f
+        opt.zero_grad()
+        torch.nn.functional.mse_loss(model(x), y).backward()
+        opt.step()
+    stages = tanh_mlp_stages(2)
+    make_pipe(stages, "1f1b", 2, lr_lambda=lambda t: factors[t]).train(batches)
+    torch.testing.assert_close(flat(stages), flat(ref), rtol=1e-12, atol=1e-12)

@@ -43,6 +43,8 @@ class Pipeline:
     stage's trainable parameters. ``loss_fn(output, target)`` returns the mean
     loss of a micro-batch. ``costs`` (``default``, ``paper`` or per-stage
     :class:`~timeprest.schedule.Costs`) orders the asynchronous schedules.
+    ``lr_lambda(minibatch)`` scales each optimizer's initial learning rate at
+    the update of that (global) mini-batch, like ``LambdaLR`` per step.
     """
 
     def __init__(
@@ -62,6 +64,7 @@ class Pipeline:
         costs: CostSpec = "default",
         seed: int = 0,
         engine: str = "emulate",
+        lr_lambda: Callable[[int], float] | None = None,
     ) -> None:
         if isinstance(stages, nn.Module) or not isinstance(stages, Sequence):
             raise ConfigError(
@@ -127,7 +130,15 @@ class Pipeline:
         self.loss_fn = loss_fn
         self.runners = [
             StageRunner(
-                s, m, w, n, self.policy, optimizer, loss_fn if s == w - 1 else None, seed=seed
+                s,
+                m,
+                w,
+                n,
+                self.policy,
+                optimizer,
+                loss_fn if s == w - 1 else None,
+                seed=seed,
+                lr_lambda=lr_lambda,
             )
             for s, m in enumerate(self.stages)
         ]

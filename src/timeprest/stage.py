@@ -109,8 +109,10 @@ class StageRunner:
         loss_fn: LossFn | None,
         *,
         seed: int = 0,
+        lr_lambda: Callable[[int], float] | None = None,
     ) -> None:
         self.index = index
+        self.lr_lambda = lr_lambda
         self.module = module
         self.num_stages = num_stages
         self.num_microbatches = num_microbatches
@@ -123,6 +125,9 @@ class StageRunner:
         self.store = VersionStore(self.params)
         self.optimizer: torch.optim.Optimizer | None = (
             optimizer(self.params) if self.params else None
+        )
+        self._base_lrs = (
+            [float(g["lr"]) for g in self.optimizer.param_groups] if self.optimizer else []
         )
         first: Tensor | None = next(iter(module.parameters()), None)
         if first is None:
@@ -170,7 +175,7 @@ class StageRunner:
             for j in action.microbatches(self.num_microbatches):
                 self._backward(action.minibatch, j, transport)
         else:
-            self._update(index)
+            self._update(index, action.minibatch)
         for v, last in self.plan.keep_until.items():
             if last == index:
                 self.store.release(self.base_version + v)
@@ -407,11 +412,15 @@ class StageRunner:
         return list(res[: len(leaves)]), (res[-1] if want_dx else None)
 
     # -- update ----------------------------------------------------------------
-    def _update(self, index: int) -> None:
+    def _update(self, index: int, t: int) -> None:
         assert self.plan is not None
         if index in self.plan.stash_at:
             self.store.stash_latest()
         if self.optimizer is not None:
+            if self.lr_lambda is not None:
+                factor = self.lr_lambda(self.base_minibatch + t)
+                for group, base in zip(self.optimizer.param_groups, self._base_lrs):
+                    group["lr"] = base * factor
             for p, g in zip(self.params, self._grads):
                 p.grad = g
             self.optimizer.step()
