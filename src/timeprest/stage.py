@@ -61,8 +61,10 @@ class SplitBatches:
 
     def __init__(self, batches: list[tuple[Tensor, Tensor]], num_microbatches: int) -> None:
         self._n = num_microbatches
-        self._inputs = [torch.tensor_split(x, num_microbatches) for x, _ in batches]
-        self._targets = [torch.tensor_split(y, num_microbatches) for _, y in batches]
+        # clones, not views: a micro-batch owns its rows, so its saved input
+        # counts its own bytes rather than the whole mini-batch's storage
+        self._inputs = [[c.clone() for c in torch.tensor_split(x, num_microbatches)] for x, _ in batches]
+        self._targets = [[c.clone() for c in torch.tensor_split(y, num_microbatches)] for _, y in batches]
         self._rows = [int(x.shape[0]) for x, _ in batches]
 
     def input(self, t: int, j: int) -> Tensor:

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import warnings
 
-from timeprest.policy import get_method, method_names, resolve_policy
+from timeprest.policy import get_method, method_names, resolve_policy, warn_multiple_sequence
 from timeprest.schedule import COST_MODES, build_schedule, grid_cells
 
 
@@ -33,9 +34,10 @@ def run(args: argparse.Namespace) -> int:
     n = args.microbatches if args.microbatches is not None else (m.default_microbatches or 1)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        sched = build_schedule(kind, args.stages, n, args.minibatches, args.costs)
+        warn_multiple_sequence(m.name, kind, args.stages, n)
+        sched = build_schedule(kind, args.stages, n, args.minibatches, args.costs, warn=False)
     for w in caught:
-        print(f"warning: {w.message}", file=__import__("sys").stderr)
+        print(f"warning: {w.message}", file=sys.stderr)
     if args.format == "json":
         out = {
             "method": args.method,

@@ -1,6 +1,13 @@
 """Weight-version policies, method presets and the version plan (integers, no tensors)."""
 
-from timeprest.policy.methods import METHODS, Method, get_method, method_names, resolve_policy
+from timeprest.policy.methods import (
+    METHODS,
+    Method,
+    get_method,
+    method_names,
+    resolve_policy,
+    warn_multiple_sequence,
+)
 from timeprest.policy.plan import StagePlan, plan_versions
 from timeprest.policy.rules import (
     BACKWARD_RULES,
@@ -25,4 +32,5 @@ __all__ = [
     "method_names",
     "plan_versions",
     "resolve_policy",
+    "warn_multiple_sequence",
 ]

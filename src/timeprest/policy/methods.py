@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import cast
 
-from timeprest.errors import ConfigError
+from timeprest.errors import ConfigError, MultipleSequenceWarning
 from timeprest.policy.rules import (
     BackwardRule,
     ForwardRule,
@@ -15,7 +16,7 @@ from timeprest.policy.rules import (
     Significance,
     make_significance,
 )
-from timeprest.schedule.builders import SCHEDULE_KINDS
+from timeprest.schedule.builders import SCHEDULE_KINDS, multiple_sequence_message
 
 
 @dataclass(frozen=True)
@@ -111,3 +112,18 @@ def resolve_policy(
         significance=sig,
     )
     return schedule or m.schedule, p
+
+
+def warn_multiple_sequence(
+    method: str, schedule: str, num_stages: int, num_microbatches: int, *, stacklevel: int = 3
+) -> None:
+    """Warn when an nF1B method runs with N < W-1 (TiMePReSt's multiple-sequence problem).
+
+    PipeDream is exempt: whole mini-batches (N = 1) are its own design.
+    """
+    if schedule == "nf1b" and num_microbatches < num_stages - 1 and method != "pipedream":
+        warnings.warn(
+            f"{method}: {multiple_sequence_message(num_stages, num_microbatches)}",
+            MultipleSequenceWarning,
+            stacklevel=stacklevel,
+        )

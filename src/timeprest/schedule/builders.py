@@ -64,6 +64,14 @@ class Schedule:
         return [[str(a) for a in p] for p in self.programs]
 
 
+def multiple_sequence_message(num_stages: int, num_microbatches: int) -> str:
+    return (
+        f"nF1B with N={num_microbatches} micro-batches < W-1={num_stages - 1}: the "
+        "multiple-sequence problem (the updates split into independent chains of "
+        "mini-batches); use N >= W-1"
+    )
+
+
 def backward_unit_of(kind: str) -> BackwardUnit:
     return "minibatch" if kind == "nf1b" else "microbatch"
 
@@ -218,12 +226,7 @@ def build_schedule(
             f"use --microbatches {w} or more"
         )
     if kind == "nf1b" and n < w - 1 and warn:
-        warnings.warn(
-            f"nF1B with N={n} micro-batches < W-1={w - 1}: the multiple-sequence problem "
-            "(updates split into independent chains of mini-batches); use N >= W-1",
-            MultipleSequenceWarning,
-            stacklevel=2,
-        )
+        warnings.warn(multiple_sequence_message(w, n), MultipleSequenceWarning, stacklevel=2)
     unit = backward_unit_of(kind)
     if kind == "gpipe":
         progs = gpipe_programs(w, n, tc)

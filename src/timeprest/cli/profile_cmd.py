@@ -1,0 +1,181 @@
+"""``timeprest profile``: measure a model's per-stage costs on this machine and write a cost file.
+
+Example::
+
+    timeprest profile --model cnn --dataset fashion-mnist --stages 4 --microbatches 4 \\
+        --batch-size 128 --out costs.json
+    timeprest simulate --method v-timeprest --stages 4 --microbatches 4 --costs costs.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+from typing import Any
+
+from timeprest.errors import ConfigError
+from timeprest.sim.simulate import format_bytes
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "profile",
+        help="time each pipeline stage of a model here and write a cost file for `simulate`",
+        description=(
+            "Split a model into stages, time the forward, backward and optimizer step of one "
+            "micro-batch per stage (warm-up, then the median of repeats), measure weight, "
+            "optimizer-state, saved-activation and message sizes, and write them as a cost file."
+        ),
+    )
+    p.add_argument("--model", required=True, help="model name: mlp, cnn, resnet18, vgg16, resnet50")
+    p.add_argument("--dataset", required=True, help="dataset name, e.g. fashion-mnist, synthetic")
+    p.add_argument("--stages", type=int, required=True, help="number of stages W")
+    p.add_argument("--batch-size", type=int, default=128, help="rows per mini-batch (default 128)")
+    p.add_argument(
+        "--microbatches", type=int, default=None, help="micro-batches per mini-batch N (default W)"
+    )
+    p.add_argument(
+        "--balance",
+        default="time",
+        help="time, params, or layer counts per stage such as 3,4,4,3 (default time)",
+    )
+    p.add_argument(
+        "--optimizer",
+        default="sgd",
+        choices=("sgd", "adam"),
+        help="optimizer whose step is timed and whose state is sized (default sgd)",
+    )
+    p.add_argument("--momentum", type=float, default=0.9, help="SGD momentum (default 0.9)")
+    p.add_argument("--device", default="cpu", help="device to time on (default cpu)")
+    p.add_argument("--warmup", type=int, default=2, help="untimed runs first (default 2)")
+    p.add_argument(
+        "--repeats", type=int, default=5, help="timed runs; the median is kept (default 5)"
+    )
+    p.add_argument(
+        "--bandwidth",
+        type=float,
+        default=None,
+        help="link bandwidth between stages in bytes/s (default: infinite)",
+    )
+    p.add_argument(
+        "--latency", type=float, default=0.0, help="seconds per message between stages (default 0)"
+    )
+    p.add_argument("--data-dir", default=None, help="where the dataset files are")
+    p.add_argument("--image-size", type=int, default=None, help="resize images to this size")
+    p.add_argument("--seed", type=int, default=0, help="seed for the model's initial weights")
+    p.add_argument("--out", required=True, metavar="FILE", help="cost file to write (JSON)")
+    p.add_argument("--verbose", action="store_true", help="print the full error text")
+    p.set_defaults(func=run)
+
+
+def parse_balance(text: str) -> str | list[int]:
+    if text in ("time", "params"):
+        return text
+    try:
+        counts = [int(v) for v in text.split(",")]
+    except ValueError:
+        raise ConfigError(
+            f"--balance must be time, params or comma-separated layer counts, got {text!r}"
+        ) from None
+    return counts
+
+
+def _front_end() -> tuple[Any, Any, Any]:
+    """The model, data and split functions (written separately from the simulator)."""
+    try:
+        models = importlib.import_module("timeprest.models")
+        data = importlib.import_module("timeprest.data")
+        split = importlib.import_module("timeprest.split")
+    except ModuleNotFoundError as exc:
+        raise ConfigError(
+            f"`timeprest profile` needs {exc.name}, which this installation lacks; "
+            "use timeprest.sim.profile.profile_stages on your own stages instead"
+        ) from None
+    return models.build_model, data.load_dataset, split.split
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from timeprest.sim.profile import profile_stages
+
+    w = args.stages
+    if w is None or w < 1:
+        raise ConfigError(f"--stages must be >= 1, got {w}")
+    n = args.microbatches if args.microbatches is not None else w
+    if n < 1:
+        raise ConfigError(f"--microbatches must be >= 1, got {n}")
+    if args.batch_size < n:
+        raise ConfigError(
+            f"--batch-size {args.batch_size} is smaller than --microbatches {n}: "
+            "every micro-batch needs at least one row"
+        )
+    if args.bandwidth is not None and not (args.bandwidth > 0):
+        raise ConfigError(f"--bandwidth must be > 0 bytes/s, got {args.bandwidth}")
+    if not (args.latency >= 0):
+        raise ConfigError(f"--latency must be >= 0, got {args.latency}")
+    balance = parse_balance(args.balance)
+    build_model, load_dataset, split = _front_end()
+
+    ds = load_dataset(args.dataset, args.data_dir, image_size=args.image_size)
+    torch.manual_seed(args.seed)
+    model = build_model(
+        args.model,
+        in_channels=ds.in_channels,
+        num_classes=ds.num_classes,
+        image_size=ds.image_size,
+    )
+    x = ds.train.x[: args.batch_size]
+    y = ds.train.y[: args.batch_size]
+    if x.shape[0] < n:
+        raise ConfigError(f"the training set has {x.shape[0]} rows, fewer than {n} micro-batches")
+    micro = torch.tensor_split(x, n)[0]
+    stages = split(model, w, balance, sample_input=micro, device=args.device)
+
+    def make_opt(params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
+        if args.optimizer == "adam":
+            return torch.optim.Adam(params, lr=1e-3)
+        return torch.optim.SGD(params, lr=0.01, momentum=args.momentum)
+
+    cost_model = profile_stages(
+        stages,
+        x,
+        n,
+        sample_target=y,
+        loss_fn=torch.nn.functional.cross_entropy,
+        optimizer=make_opt,
+        device=args.device,
+        warmup=args.warmup,
+        repeats=args.repeats,
+        bandwidth=args.bandwidth,
+        latency=args.latency,
+        meta={
+            "name": f"{args.model}/{args.dataset}",
+            "model": args.model,
+            "dataset": args.dataset,
+            "batch_size": int(x.shape[0]),
+            "balance": args.balance,
+            "optimizer": args.optimizer,
+            "threads": torch.get_num_threads(),
+        },
+    )
+    try:
+        cost_model.save(args.out)
+    except OSError as exc:
+        raise ConfigError(f"cannot write {args.out!r}: {exc.strerror}") from None
+    print(
+        f"{args.model} on {args.dataset}: W={w}, N={n}, batch {x.shape[0]} "
+        f"({cost_model.meta['microbatch_rows']} rows per micro-batch), device {args.device}"
+    )
+    print(
+        f"{'stage':>5} {'forward s':>11} {'backward s':>11} {'update s':>10} "
+        f"{'weights':>11} {'activations':>11} {'sent':>11}"
+    )
+    for s, c in enumerate(cost_model.stages):
+        print(
+            f"{s:>5} {c.forward_time:>11.4g} {c.backward_time:>11.4g} {c.update_time:>10.4g} "
+            f"{format_bytes(c.weight_bytes):>11} {format_bytes(c.saved_activation_bytes):>11} "
+            f"{format_bytes(c.output_bytes):>11}"
+        )
+    print(f"cost file: {args.out}")
+    return 0
