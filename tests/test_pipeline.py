@@ -90,17 +90,23 @@ def program_versions(programs):
     return fwd, bwd
 
 
-def delayed_gradient_reference(stages, batches, programs, n, backward, lr):
+def delayed_gradient_reference(
+    stages, batches, programs, n, backward, lr, vertical=False, sigma=None
+):
     """w_s(t+1) = w_s(t) - lr * grad_s, with the forward at the versions the program gives.
 
     backward="stashed": gradients at the forward versions (PipeDream);
     backward="latest": the delta is carried back through the latest weights
-    (V-TiMePReSt), dW from the saved forward activations.
+    (V-TiMePReSt), dW from the saved forward activations; "intermediate":
+    through sigma(d) W_v + (1 - sigma(d)) W_k (I-TiMePReSt). ``vertical``:
+    every stage's forward reads the version stage 0 read (TiMePReSt).
     """
     w = len(stages)
     lins = [m if isinstance(m, nn.Linear) else m[0] for m in stages]
     hist = [[(lin.weight.detach().clone(), lin.bias.detach().clone())] for lin in lins]
     fwd, bwd = program_versions(programs)
+    if vertical:
+        fwd = [fwd[0]] * w
     losses = []
     for t, (x, y) in enumerate(batches):
         rows = x.shape[0]
@@ -124,8 +130,14 @@ def delayed_gradient_reference(stages, batches, programs, n, backward, lr):
             for s in reversed(range(w)):
                 if s < w - 1:
                     delta = delta * (1 - outs[s] ** 2)  # tanh' from the saved forward output
-                v = fwd[s][(t, j)] if backward == "stashed" else bwd[s][t]
-                W_b = hist[s][v][0]
+                v, k = fwd[s][(t, j)], bwd[s][t]
+                if backward == "stashed":
+                    W_b = hist[s][v][0]
+                elif backward == "latest":
+                    W_b = hist[s][k][0]
+                else:
+                    sg = sigma(k - v)
+                    W_b = sg * hist[s][v][0] + (1 - sg) * hist[s][k][0]
                 gsum[s][0] += delta.T @ acts[s]
                 gsum[s][1] += delta.sum(0)
                 delta = delta @ W_b
@@ -145,16 +157,27 @@ def delayed_gradient_reference(stages, batches, programs, n, backward, lr):
         ("v-timeprest", 1, "latest"),
         ("v-timeprest", 2, "latest"),
         ("v-timeprest", 3, "latest"),
+        ("timeprest", 2, "latest"),
+        ("timeprest", 3, "latest"),
+        ("i-timeprest", 2, "intermediate"),
+        ("i-timeprest", 3, "intermediate"),
     ],
 )
 def test_matches_hand_written_delayed_gradient_reference(method, n, backward):
     batches = regression_batches(num=8, rows=9)
     lr = 0.2
     stages = tanh_mlp_stages(3)
-    pipe = make_pipe(stages, method, n, lr=lr)
+    pipe = make_pipe(stages, method, n, lr=lr, decay=0.7)
     programs = pipe.schedule_for(len(batches)).programs
     ref_losses, ref_final = delayed_gradient_reference(
-        tanh_mlp_stages(3), batches, programs, n, backward, lr
+        tanh_mlp_stages(3),
+        batches,
+        programs,
+        n,
+        backward,
+        lr,
+        vertical=method == "timeprest",
+        sigma=lambda d: math.exp(-0.7 * d),
     )
     losses = pipe.train(batches)
     assert losses == pytest.approx(ref_losses, rel=1e-10, abs=1e-10)
