@@ -121,8 +121,12 @@ class TrainConfig:
                 raise ConfigError(f"--{name.replace('_', '-')} must be an integer >= 1, got {v!r}")
         if not (self.lr > 0 and math.isfinite(self.lr)):
             raise ConfigError(f"--lr must be a positive number, got {self.lr}")
-        if self.momentum < 0 or self.weight_decay < 0 or self.warmup_epochs < 0:
-            raise ConfigError("--momentum, --weight-decay and --warmup-epochs must be >= 0")
+        for name in ("momentum", "weight_decay", "warmup_epochs"):
+            v = getattr(self, name)
+            if not (math.isfinite(v) and v >= 0):  # NaN fails both
+                raise ConfigError(
+                    f"--{name.replace('_', '-')} must be a finite number >= 0, got {v}"
+                )
         _choice("optimizer", self.optimizer, OPTIMIZERS)
         _choice("lr-schedule", self.lr_schedule, LR_SCHEDULES)
         _choice("device", self.device, DEVICES)
@@ -201,6 +205,7 @@ RUN_IDENTITY = (
     "augment",
     "seed",
     "train_limit",
+    "test_limit",
     "image_size",
 )
 
@@ -216,13 +221,25 @@ def load_config_file(path: str) -> dict[str, Any]:
         raise ConfigError(f"config file {path} does not exist") from None
     except (OSError, tomllib.TOMLDecodeError) as exc:
         raise ConfigError(f"cannot read config file {path}: {exc}") from None
-    names = {f.name for f in dataclasses.fields(TrainConfig)}
+    types = {f.name: str(f.type) for f in dataclasses.fields(TrainConfig) if f.name != "extra"}
     out: dict[str, Any] = {}
     for key, value in raw.items():
         k = key.replace("-", "_")
-        if k not in names:
+        if k not in types:
             raise ConfigError(f"config file {path}: unknown key {key!r}")
-        out[k] = value
+        base = types[k].split(" | ")[0]
+        ok = {
+            "int": isinstance(value, int) and not isinstance(value, bool),
+            "float": isinstance(value, (int, float)) and not isinstance(value, bool),
+            "str": isinstance(value, str),
+            "bool": isinstance(value, bool),
+        }.get(base, False)
+        if not ok:
+            kind = {"int": "an integer", "float": "a number", "str": "a string"}.get(
+                base, "true or false"
+            )
+            raise ConfigError(f"config file {path}: {key} must be {kind}, got {value!r}")
+        out[k] = float(value) if base == "float" else value
     return out
 
 
@@ -421,6 +438,7 @@ def run_training(
     from timeprest.models import build_model
     from timeprest.pipeline import Pipeline
     from timeprest.split import apply_plan, plan_split
+    from timeprest.tensorboard import EpochWriter
 
     cfg.validate()
     if cfg.engine == "distributed":
@@ -500,6 +518,7 @@ def run_training(
         epochs_log.unlink()
     if not resume and mb_log.exists():
         mb_log.unlink()
+    tb = EpochWriter(run_dir, start_epoch=start_epoch)  # a no-op without tensorboard
 
     t_start = time.perf_counter() - wall_offset
     target_epoch = next(
@@ -563,6 +582,7 @@ def run_training(
         rep.minibatches.clear()
         with epochs_log.open("a") as f:
             f.write(json.dumps(row) + "\n")
+        tb.write(row)
         _save_checkpoint(pipe, ckpt_dir, epoch + 1, history, wall)
         if (
             target_epoch is None
@@ -575,6 +595,7 @@ def run_training(
             f"test loss {test_loss:.4f}, test accuracy {test_acc * 100:.2f}%, "
             f"{train_time:.1f}s ({row['samples_per_s']:,.0f} samples/s)"
         )
+    tb.close()
     summary = summarize(cfg, history, target_epoch)
     write_json(run_dir / "summary.json", summary)
     log(

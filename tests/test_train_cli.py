@@ -1,0 +1,355 @@
+"""`timeprest train` end to end: the run directory, config precedence, bad input; TensorBoard rows."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from timeprest.cli import main
+from timeprest.data import download
+from timeprest.tensorboard import EpochWriter
+
+# small and quick: 8 mini-batches of 32 rows, two stages split by parameter count
+BASE = [
+    "--dataset",
+    "synthetic:train=256,test=128",
+    "--model",
+    "mlp",
+    "--stages",
+    "2",
+    "--balance",
+    "params",
+    "--epochs",
+    "1",
+    "--batch-size",
+    "32",
+    "--no-progress",
+]
+
+EPOCH_FIELDS = {
+    "epoch",
+    "train_loss",
+    "test_loss",
+    "test_accuracy",
+    "epoch_time",
+    "wall_time",
+    "samples_per_s",
+    "mean_staleness",
+    "mean_relative_distance",
+    "peak_versions",
+    "peak_weight_bytes",
+    "weight_bytes",
+    "peak_activation_bytes",
+    "optimizer_state_bytes",
+}
+PER_STAGE = {
+    "mean_staleness",
+    "mean_relative_distance",
+    "peak_versions",
+    "peak_weight_bytes",
+    "weight_bytes",
+    "peak_activation_bytes",
+    "optimizer_state_bytes",
+}
+
+
+def train(*argv: str) -> tuple[int, str, str]:
+    """Run `timeprest train` in-process; return exit code, stdout, stderr."""
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        rc = main(["train", *argv])
+    return rc, out.getvalue(), err.getvalue()
+
+
+def assert_one_line_error(rc: int, err: str, match: str) -> None:
+    assert rc == 2, err
+    assert "Traceback" not in err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert lines[0].startswith("timeprest train: error: ")
+    assert match in lines[0], lines[0]
+
+
+def jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> tuple[Path, str]:
+    """One epoch of i-timeprest (the default method) on the small synthetic set."""
+    run_dir = tmp_path_factory.mktemp("train") / "run"
+    rc, out, err = train(*BASE, "--run-dir", str(run_dir))
+    assert rc == 0, err
+    return run_dir, out
+
+
+def test_train_writes_every_run_file(trained):
+    run_dir, out = trained
+    assert "epoch 1/1: train loss" in out and "done: final test accuracy" in out
+
+    config = json.loads((run_dir / "config.json").read_text())
+    assert config["dataset"] == "synthetic:train=256,test=128"
+    assert (config["model"], config["method"], config["stages"]) == ("mlp", "i-timeprest", 2)
+    assert (config["batch_size"], config["epochs"], config["balance"]) == (32, 1, "params")
+    assert config["run_dir"] == str(run_dir)
+    resolved = config["resolved"]
+    assert resolved["schedule"] == "nf1b" and resolved["backward"] == "intermediate"
+    assert resolved["num_microbatches"] == 2  # the method has no default: N = W
+
+    env = json.loads((run_dir / "env.json").read_text())
+    assert {"python", "torch", "timeprest", "platform", "threads", "device", "engine"} <= set(env)
+    assert env["device"] == "cpu" and env["engine"] == "emulate"
+
+    split = json.loads((run_dir / "split.json").read_text())
+    assert split["balance"] == "params"
+    assert len(split["layer_counts"]) == 2 and min(split["layer_counts"]) >= 1
+    assert sum(split["layer_counts"]) == len(split["layer_costs"])
+
+    (row,) = jsonl(run_dir / "epochs.jsonl")
+    assert EPOCH_FIELDS <= set(row)
+    assert row["epoch"] == 1
+    for key in PER_STAGE:
+        assert len(row[key]) == 2, key
+    assert row["test_accuracy"] > 0.3  # ten classes: chance is 0.1
+    assert row["train_loss"] > 0 and row["epoch_time"] > 0 and row["samples_per_s"] > 0
+    assert row["peak_versions"][0] >= 1 and row["weight_bytes"][0] > 0
+    assert row["mean_staleness"][1] == 0  # the last stage runs its backward right away
+
+    mbs = jsonl(run_dir / "minibatches.jsonl")
+    assert [m["minibatch"] for m in mbs] == list(range(8))
+    for m in mbs:
+        assert m["epoch"] == 1 and m["loss"] > 0
+        assert len(m["forward_versions"]) == 2 and len(m["forward_versions"][0]) == 2
+        assert len(m["staleness"]) == 2 and len(m["relative_distance"]) == 2
+        assert len(m["backward_version"]) == 2
+
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["epochs"] == 1 and summary["method"] == "i-timeprest"
+    assert summary["final_test_accuracy"] == row["test_accuracy"]
+    assert summary["best_test_accuracy"] == row["test_accuracy"]
+    assert summary["peak_weight_bytes"] == row["peak_weight_bytes"]
+
+
+def test_checkpoint_written_and_resume_continues(trained, tmp_path):
+    run_dir = tmp_path / "run"
+    shutil.copytree(trained[0], run_dir)
+    ckpt = run_dir / "checkpoint"
+    assert {"manifest.json", "stage0.pt", "stage1.pt", "progress.json"} <= {
+        p.name for p in ckpt.iterdir()
+    }
+    assert json.loads((ckpt / "progress.json").read_text())["epoch"] == 1
+    rc, out, err = train(*BASE, "--epochs", "2", "--run-dir", str(run_dir), "--resume")
+    assert rc == 0, err
+    assert "resumed" in out and "epoch 2/2" in out and "epoch 1/2" not in out
+    rows = jsonl(run_dir / "epochs.jsonl")
+    assert [r["epoch"] for r in rows] == [1, 2]
+    assert rows[0] == jsonl(trained[0] / "epochs.jsonl")[0]  # epoch 1 kept as it was
+    assert [m["minibatch"] for m in jsonl(run_dir / "minibatches.jsonl")] == list(range(16))
+    assert json.loads((run_dir / "summary.json").read_text())["epochs"] == 2
+
+
+def test_config_file_then_flags(tmp_path):
+    cfg = tmp_path / "settings.toml"
+    # dashes and underscores are both accepted as keys
+    cfg.write_text('lr = 0.01\nepochs = 3\nbatch-size = 64\nmethod = "v-timeprest"\n')
+    run_dir = tmp_path / "run"
+    rc, _, err = train(*BASE, "--config", str(cfg), "--epochs", "1", "--run-dir", str(run_dir))
+    assert rc == 0, err
+    config = json.loads((run_dir / "config.json").read_text())
+    # the flag overrides the file; the file overrides the defaults; BASE's --batch-size wins too
+    assert config["epochs"] == 1
+    assert config["lr"] == 0.01
+    assert config["method"] == "v-timeprest"
+    assert config["batch_size"] == 32
+    assert len(jsonl(run_dir / "epochs.jsonl")) == 1
+
+
+@pytest.mark.parametrize(
+    "argv,match",
+    [
+        (["--dataset", "nope"], "unknown dataset 'nope'"),
+        (["--model", "nope"], "unknown model 'nope'"),
+        (["--method", "nope"], "unknown method 'nope'"),
+        (["--optimizer", "nope"], "unknown --optimizer 'nope'"),
+        (["--stages", "0"], "--stages must be an integer >= 1, got 0"),
+        (["--epochs", "0"], "--epochs must be an integer >= 1, got 0"),
+        (["--batch-size", "-4"], "--batch-size must be an integer >= 1, got -4"),
+        (["--train-limit", "0"], "--train-limit must be an integer >= 1, got 0"),
+        (["--microbatches", "-1"], "--microbatches must be an integer >= 1, got -1"),
+        (["--lr", "-0.1"], "--lr must be a positive number"),
+        (["--lr", "0"], "--lr must be a positive number"),
+        (
+            ["--batch-size", "2", "--microbatches", "4"],
+            "--batch-size 2 is smaller than --microbatches 4",
+        ),
+    ],
+)
+def test_bad_input_is_one_line_exit_2(argv, match, tmp_path):
+    rc, _, err = train(*BASE, *argv, "--run-dir", str(tmp_path / "run"))
+    assert_one_line_error(rc, err, match)
+    assert not (tmp_path / "run" / "config.json").exists()
+
+
+@pytest.mark.parametrize(
+    "content,match",
+    [
+        (None, "does not exist"),
+        ("lr = = 1\n", "cannot read config file"),
+        ("learning_rate = 0.1\n", "unknown key 'learning_rate'"),
+        ("dir", "cannot read config file"),  # a directory, not a file
+    ],
+)
+def test_unreadable_config_file(content, match, tmp_path):
+    path = tmp_path / "c.toml"
+    if content == "dir":
+        path.mkdir()
+    elif content is not None:
+        path.write_text(content)
+    rc, _, err = train(*BASE, "--config", str(path), "--run-dir", str(tmp_path / "run"))
+    assert_one_line_error(rc, err, match)
+
+
+@pytest.mark.parametrize(
+    "content,key",
+    [('lr = "0.1"\n', "lr"), ('momentum = "x"\n', "momentum"), ("balance = 3\n", "balance")],
+)
+def test_config_file_value_of_the_wrong_type(content, key, tmp_path):
+    path = tmp_path / "c.toml"
+    path.write_text(content)
+    argv = [a for a in BASE if a not in ("--balance", "params")]
+    rc, _, err = train(*argv, "--config", str(path), "--run-dir", str(tmp_path / "run"))
+    assert_one_line_error(rc, err, key)
+
+
+@pytest.mark.parametrize("flag", ["--weight-decay", "--momentum", "--warmup-epochs"])
+def test_nan_hyperparameter_is_refused_up_front(flag, tmp_path):
+    rc, _, err = train(*BASE, flag, "nan", "--run-dir", str(tmp_path / "run"))
+    assert_one_line_error(rc, err, flag)
+    assert not (tmp_path / "run" / "config.json").exists()
+
+
+def test_missing_data_without_network(tmp_path, monkeypatch):
+    empty = tmp_path / "data"
+    empty.mkdir()
+    monkeypatch.delenv("TIMEPREST_DATA", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))  # no cached copy either
+    calls = []
+
+    def offline(name, dest):
+        calls.append(name)
+        raise OSError("network is unreachable")
+
+    monkeypatch.setattr(download, "fetch_dataset", offline)
+    argv = [*BASE, "--dataset", "mnist", "--data-dir", str(empty), "--run-dir", str(tmp_path / "r")]
+    rc, _, err = train(*argv)
+    assert_one_line_error(rc, err, "mnist not found")
+    assert "download failed (network is unreachable)" in err and str(empty) in err
+    assert calls == ["mnist"]
+
+
+def test_run_dir_holding_another_run_is_refused(trained, tmp_path):
+    run_dir = tmp_path / "run"
+    shutil.copytree(trained[0], run_dir)
+    before = {p.name: p.read_bytes() for p in run_dir.iterdir() if p.is_file()}
+    rd = ["--run-dir", str(run_dir)]
+
+    rc, _, err = train(*BASE, "--lr", "0.1", *rd)
+    assert_one_line_error(rc, err, "already holds a different run (lr=0.05)")
+    assert "--overwrite" in err
+    rc, _, err = train(*BASE, *rd)
+    assert_one_line_error(rc, err, "already holds a run with this configuration")
+    rc, _, err = train(*BASE, "--lr", "0.1", "--resume", *rd)
+    assert_one_line_error(rc, err, "cannot resume")
+    # refusals leave the run as it was
+    assert {p.name: p.read_bytes() for p in run_dir.iterdir() if p.is_file()} == before
+
+    rc, _, err = train(*BASE, "--lr", "0.1", "--overwrite", *rd)
+    assert rc == 0, err
+    assert json.loads((run_dir / "config.json").read_text())["lr"] == 0.1
+
+
+def test_resume_without_a_run(tmp_path):
+    (tmp_path / "run").mkdir()
+    rc, _, err = train(*BASE, "--resume", "--run-dir", str(tmp_path / "run"))
+    assert_one_line_error(rc, err, "holds no run")
+
+
+def test_non_empty_dir_without_run_is_refused(tmp_path):
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "notes.txt").write_text("mine")
+    rc, _, err = train(*BASE, "--run-dir", str(tmp_path / "run"))
+    assert_one_line_error(rc, err, "exists and is not empty")
+    assert (tmp_path / "run" / "notes.txt").read_text() == "mine"
+
+
+# -- TensorBoard ----------------------------------------------------------------------
+
+
+class FakeSummaryWriter:
+    """Records what EpochWriter sends, as torch's SummaryWriter would receive it."""
+
+    instances: list[FakeSummaryWriter] = []
+
+    def __init__(self, log_dir: str, purge_step: int | None = None) -> None:
+        self.log_dir, self.purge_step = log_dir, purge_step
+        self.scalars: list[tuple[str, float, int]] = []
+        self.flushes = 0
+        self.closed = False
+        FakeSummaryWriter.instances.append(self)
+
+    def add_scalar(self, tag: str, scalar_value: float, global_step: int) -> None:
+        self.scalars.append((tag, scalar_value, global_step))
+
+    def flush(self) -> None:
+        self.flushes += 1
+
+    def close(self) -> None:
+        self.closed = True
+
+
+def test_tensorboard_writer_logs_epoch_rows(trained, monkeypatch, tmp_path):
+    import timeprest.tensorboard as tb
+
+    monkeypatch.setattr(tb, "summary_writer_class", lambda: FakeSummaryWriter)
+    (row,) = jsonl(trained[0] / "epochs.jsonl")
+    w = EpochWriter(tmp_path, start_epoch=3)
+    assert w.active
+    fake = FakeSummaryWriter.instances[-1]
+    assert fake.log_dir == str(tmp_path / "tensorboard") and fake.purge_step == 4
+    w.write(row)
+    got = {tag: (v, step) for tag, v, step in fake.scalars}
+    assert got["test/accuracy"] == (row["test_accuracy"], 1)
+    assert got["train/loss"] == (row["train_loss"], 1)
+    assert got["staleness/stage0"] == (row["mean_staleness"][0], 1)
+    assert got["peak_weight_bytes/stage1"] == (row["peak_weight_bytes"][1], 1)
+    assert got["weight_versions/stage0"] == (row["peak_versions"][0], 1)
+    assert fake.flushes == 1  # each epoch reaches the disk before the next starts
+    w.close()
+    assert fake.closed and not w.active
+
+
+def test_tensorboard_writer_is_a_no_op_without_the_package(monkeypatch, tmp_path):
+    import timeprest.tensorboard as tb
+
+    monkeypatch.setattr(tb, "summary_writer_class", lambda: None)
+    w = EpochWriter(tmp_path)
+    assert not w.active
+    w.write({"epoch": 1, "test_accuracy": 0.5})
+    w.close()
+    assert not (tmp_path / "tensorboard").exists()
+
+
+def test_tensorboard_real_event_files(trained, tmp_path):
+    pytest.importorskip("tensorboard")
+    (row,) = jsonl(trained[0] / "epochs.jsonl")
+    w = EpochWriter(tmp_path)
+    w.write(row)
+    w.close()
+    assert any(
+        p.name.startswith("events.out.tfevents") for p in (tmp_path / "tensorboard").iterdir()
+    )
