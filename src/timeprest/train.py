@@ -84,9 +84,12 @@ class TrainConfig:
     """Stage split: time, params, or comma-separated layer counts."""
     epochs: int = 3
     batch_size: int = 128
-    lr: float = 0.05
-    optimizer: str = "sgd"
+    lr: float = 1e-3
+    """Learning rate (the default suits adam; for sgd try 0.02 with momentum 0.9)."""
+    optimizer: str = "adam"
+    """sgd, adam or adamw. Adam's default here tolerates the staleness of asynchronous methods."""
     momentum: float = 0.9
+    """SGD momentum (ignored by adam/adamw)."""
     weight_decay: float = 0.0
     warmup_epochs: float = 0.0
     """Linear learning-rate warm-up, in epochs (fractions allowed)."""

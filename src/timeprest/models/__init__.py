@@ -1,0 +1,56 @@
+"""Models as ``nn.Sequential`` whose top-level children are the units a pipeline splits.
+
+``build_model(name, in_channels=..., num_classes=..., image_size=...)`` with
+``name`` one of ``MODEL_NAMES``: ``mlp``, ``cnn`` (small, for 28 x 28
+inputs), ``resnet18`` and ``vgg16`` (CIFAR variants with BatchNorm),
+``resnet50`` (torchvision's, needs ``pip install timeprest[vision]``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from torch import nn
+
+from timeprest.errors import ConfigError
+from timeprest.models.resnet import BasicBlock, resnet18, resnet50
+from timeprest.models.small import cnn, mlp
+from timeprest.models.vgg import vgg16
+
+_BUILDERS: dict[str, Callable[[int, int, int], nn.Sequential]] = {
+    "mlp": mlp,
+    "cnn": cnn,
+    "resnet18": resnet18,
+    "vgg16": vgg16,
+    "resnet50": resnet50,
+}
+
+MODEL_NAMES = tuple(_BUILDERS)
+DEFAULT_MODEL = "cnn"
+
+
+def build_model(name: str, *, in_channels: int, num_classes: int, image_size: int) -> nn.Sequential:
+    """A freshly initialised model (from the global torch RNG: seed it first for reproducible weights)."""
+    if name not in _BUILDERS:
+        raise ConfigError(f"unknown model {name!r}; valid names: {', '.join(MODEL_NAMES)}")
+    for field, value in (
+        ("in_channels", in_channels),
+        ("num_classes", num_classes),
+        ("image_size", image_size),
+    ):
+        if value < 1:
+            raise ConfigError(f"model {name}: {field} must be >= 1, got {value}")
+    return _BUILDERS[name](in_channels, num_classes, image_size)
+
+
+__all__ = [
+    "DEFAULT_MODEL",
+    "MODEL_NAMES",
+    "BasicBlock",
+    "build_model",
+    "cnn",
+    "mlp",
+    "resnet18",
+    "resnet50",
+    "vgg16",
+]
