@@ -147,7 +147,7 @@ def test_compare_reuses_finished_runs(out_copy):
 def test_compare_refuses_other_settings(out_copy):
     before = tree(out_copy)
     rc, _, err = cli("compare", "--methods", METHODS, *BASE, "--lr", "0.1", "--out", str(out_copy))
-    assert_one_line_error(rc, err, "compare", "pipedream already holds a different run (lr=0.05")
+    assert_one_line_error(rc, err, "compare", "pipedream already holds a different run (lr=0.001")
     assert "--overwrite" in err
     # more epochs of the same run: resumable
     rc, _, err = cli(
@@ -198,7 +198,7 @@ def test_compare_without_matplotlib_still_writes_the_table(out_copy, monkeypatch
 
 def test_compare_records_a_diverged_method(tmp_path):
     out = tmp_path / "out"
-    argv = ["compare", "--methods", "v-timeprest,gpipe", *BASE, "--lr", "1e4", "--epochs", "1"]
+    argv = ["compare", "--methods", "v-timeprest,gpipe", *BASE, "--optimizer", "sgd", "--lr", "1e4", "--epochs", "1"]
     rc, stdout, err = cli(*argv, "--out", str(out))
     assert rc == 0, err  # divergence is a result, not an error of the command
     assert "v-timeprest diverged: loss is" in stdout and "[2/2] gpipe: training" in stdout

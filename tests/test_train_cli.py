@@ -259,7 +259,7 @@ def test_run_dir_holding_another_run_is_refused(trained, tmp_path):
     rd = ["--run-dir", str(run_dir)]
 
     rc, _, err = train(*BASE, "--lr", "0.1", *rd)
-    assert_one_line_error(rc, err, "already holds a different run (lr=0.05)")
+    assert_one_line_error(rc, err, "already holds a different run (lr=0.001)")
     assert "--overwrite" in err
     rc, _, err = train(*BASE, *rd)
     assert_one_line_error(rc, err, "already holds a run with this configuration")

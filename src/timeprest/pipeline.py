@@ -15,15 +15,14 @@ Example::
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Callable, Iterable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
 
-from timeprest.errors import ConfigError, MultipleSequenceWarning
-from timeprest.policy.methods import get_method, resolve_policy
+from timeprest.errors import ConfigError
+from timeprest.policy.methods import get_method, resolve_policy, warn_multiple_sequence
 from timeprest.policy.plan import StagePlan, plan_versions
 from timeprest.policy.rules import Policy, Significance
 from timeprest.report import MinibatchReport, Report, StageReport, StageStep
@@ -31,7 +30,14 @@ from timeprest.schedule.builders import Schedule, build_schedule
 from timeprest.schedule.costs import CostSpec, resolve_costs
 from timeprest.stage import LossFn, OptimizerFactory, SplitBatches, StageRunner
 
-ENGINES = ("emulate",)
+if TYPE_CHECKING:
+    from pathlib import Path
+
+    from timeprest.engine.runtime import DistributedRuntime, RuntimeOptions
+
+ENGINES = ("emulate", "distributed")
+
+StageSpec = Sequence[nn.Module | None] | Callable[[int], nn.Module]
 
 
 class Pipeline:
@@ -45,11 +51,17 @@ class Pipeline:
     :class:`~timeprest.schedule.Costs`) orders the asynchronous schedules.
     ``lr_lambda(minibatch)`` scales each optimizer's initial learning rate at
     the update of that (global) mini-batch, like ``LambdaLR`` per step.
+
+    ``stages`` is a list of modules or a callable ``stage_fn(stage) -> nn.Module``
+    (then give ``num_stages``, except with the distributed engine). With
+    ``engine="distributed"`` each process of a torchrun job runs one stage (rank r
+    runs stage r) and builds only its own: the other list slots may be None, and
+    ``runtime`` sets timeouts and threads (see :mod:`timeprest.engine.runtime`).
     """
 
     def __init__(
         self,
-        stages: Sequence[nn.Module],
+        stages: StageSpec,
         method: str = "v-timeprest",
         num_microbatches: int | None = None,
         optimizer: OptimizerFactory | None = None,
@@ -65,19 +77,19 @@ class Pipeline:
         seed: int = 0,
         engine: str = "emulate",
         lr_lambda: Callable[[int], float] | None = None,
+        num_stages: int | None = None,
+        runtime: RuntimeOptions | None = None,
     ) -> None:
-        if isinstance(stages, nn.Module) or not isinstance(stages, Sequence):
-            raise ConfigError(
-                "stages must be a list of nn.Module, one per stage "
-                "(use timeprest.split(model, num_stages) to cut a model)"
-            )
-        if len(stages) == 0:
-            raise ConfigError("the stage list is empty: give at least one nn.Module")
-        for i, m in enumerate(stages):
-            if not isinstance(m, nn.Module):
-                raise ConfigError(f"stage {i} is a {type(m).__name__}, not an nn.Module")
         if engine not in ENGINES:
             raise ConfigError(f"unknown engine {engine!r}: expected one of {', '.join(ENGINES)}")
+        self._runtime: DistributedRuntime | None = None
+        if engine == "distributed":
+            from timeprest.engine.runtime import DistributedRuntime
+
+            self._runtime = DistributedRuntime(runtime)
+            stage_list = self._runtime.local_stages(stages, num_stages)
+        else:
+            stage_list = _build_stages(stages, num_stages)
         if optimizer is None:
             raise ConfigError(
                 "optimizer is required: a callable params -> torch.optim.Optimizer, "
@@ -97,7 +109,7 @@ class Pipeline:
             significance=significance,
             decay=decay,
         )
-        w = len(stages)
+        w = len(stage_list)
         n = num_microbatches
         if n is None:
             n = self.method.default_microbatches or w
@@ -112,24 +124,17 @@ class Pipeline:
             raise ConfigError(
                 "forward rule 'previous' needs the 2bw schedule (version t-1 must exist)"
             )
-        # PipeDream's own design is N = 1 (whole mini-batches), so it is not warned about
-        if self.schedule_kind == "nf1b" and n < w - 1 and self.method.name != "pipedream":
-            warnings.warn(
-                f"{method}: N={n} micro-batches < W-1={w - 1}: nF1B then suffers the "
-                "multiple-sequence problem (the updates split into independent chains "
-                "of mini-batches); use num_microbatches >= W-1",
-                MultipleSequenceWarning,
-                stacklevel=2,
-            )
+        warn_multiple_sequence(method, self.schedule_kind, w, n)
         self.costs = resolve_costs(costs, w)
-        self.stages = list(stages)
+        self.stages = stage_list  # None where another process runs the stage
         self.num_stages = w
         self.num_microbatches = n
         self.seed = seed
         self.engine = engine
         self.loss_fn = loss_fn
-        self.runners = [
-            StageRunner(
+
+        def runner(s: int, m: nn.Module) -> StageRunner:
+            return StageRunner(
                 s,
                 m,
                 w,
@@ -140,8 +145,13 @@ class Pipeline:
                 seed=seed,
                 lr_lambda=lr_lambda,
             )
-            for s, m in enumerate(self.stages)
-        ]
+
+        # the stages this process runs: all of them, or its own (distributed)
+        local = [(s, m) for s, m in enumerate(stage_list) if m is not None]
+        if self._runtime is None:
+            self.runners = [runner(s, m) for s, m in local]
+        else:
+            self.runners = [self._runtime.agreed("building the stage", lambda: runner(*local[0]))]
         self.report = Report(stages=[StageReport(s) for s in range(w)])
         self.minibatches_done = 0
         self._schedules: dict[int, tuple[Schedule, list[StagePlan]]] = {}
@@ -178,6 +188,8 @@ class Pipeline:
         computed at the forward. ``on_loss(minibatch, loss)`` is called as soon
         as each mini-batch's loss is known (for progress displays).
         """
+        if self._runtime is not None:
+            return self._runtime.train(self, batches, on_loss)
         from timeprest.engine.emulator import run_emulated
 
         data = self._check_batches(batches)
@@ -231,7 +243,8 @@ class Pipeline:
         return data
 
     def _refresh_stage_reports(self) -> None:
-        for r, rep in zip(self.runners, self.report.stages):
+        for r in self.runners:
+            rep = self.report.stages[r.index]
             rep.weight_bytes = r.store.bytes_per_version
             rep.peak_versions = r.store.peak_versions
             rep.peak_weight_bytes = r.store.peak_bytes
@@ -243,11 +256,38 @@ class Pipeline:
     # -- state ---------------------------------------------------------------
     def version(self, stage: int) -> int:
         """Updates applied so far at ``stage`` (its latest version)."""
-        return self.runners[stage].store.latest
+        for r in self.runners:
+            if r.index == stage:
+                return r.store.latest
+        return self.report.stages[stage].updates  # another process's stage, as last reported
 
     @property
     def optimizers(self) -> list[torch.optim.Optimizer | None]:
-        return [r.optimizer for r in self.runners]
+        """One per stage; None for a stage that another process runs."""
+        out: list[torch.optim.Optimizer | None] = [None] * self.num_stages
+        for r in self.runners:
+            out[r.index] = r.optimizer
+        return out
+
+    # -- checkpoints -----------------------------------------------------------
+    def save_checkpoint(self, directory: str | Path) -> Path:
+        """Write the state of the drained pipeline (between ``train`` calls) to ``directory``.
+
+        One ``stage{s}.pt`` per stage (weights with buffers, optimizer state,
+        version counter, RNG states, mini-batch cursor), each written atomically,
+        then ``manifest.json`` with the configuration hash. Both engines share the
+        format; with the distributed engine call it on every rank (each writes
+        its own stage).
+        """
+        from timeprest.checkpoint import save_checkpoint
+
+        return save_checkpoint(self, directory)
+
+    def load_checkpoint(self, directory: str | Path) -> None:
+        """Restore what :meth:`save_checkpoint` wrote; training then resumes bitwise."""
+        from timeprest.checkpoint import load_checkpoint
+
+        load_checkpoint(self, directory)
 
     def describe(self) -> dict[str, Any]:
         """The resolved configuration, for logs and run directories."""
@@ -266,6 +306,29 @@ class Pipeline:
             "seed": self.seed,
             "engine": self.engine,
         }
+
+
+def _build_stages(stages: StageSpec, num_stages: int | None) -> list[nn.Module | None]:
+    """Every stage, for the emulator: the list given, or ``stage_fn`` called per stage."""
+    if isinstance(stages, nn.Module) or not (callable(stages) or isinstance(stages, Sequence)):
+        raise ConfigError(
+            "stages must be a list of nn.Module, one per stage, or a callable "
+            "stage_fn(stage) -> nn.Module (use timeprest.split(model, num_stages) to cut a model)"
+        )
+    if callable(stages):
+        if num_stages is None:
+            raise ConfigError("with a stage_fn callable, give num_stages too")
+        built: list[Any] = [stages(s) for s in range(num_stages)]
+    else:
+        built = list(stages)
+        if num_stages is not None and num_stages != len(built):
+            raise ConfigError(f"num_stages={num_stages} but {len(built)} stages were given")
+    if len(built) == 0:
+        raise ConfigError("the stage list is empty: give at least one nn.Module")
+    for i, m in enumerate(built):
+        if not isinstance(m, nn.Module):
+            raise ConfigError(f"stage {i} is a {type(m).__name__}, not an nn.Module")
+    return built
 
 
 def policy_of(pipe: Pipeline) -> Policy:

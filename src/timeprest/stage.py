@@ -137,6 +137,7 @@ class StageRunner:
         self.device = first.device if first is not None else torch.device("cpu")
         self._grads: list[Tensor | None] = [None] * len(self.params)
         self._saved: dict[tuple[int, int], _Saved] = {}
+        self._bw_cache: dict[int, tuple[list[Tensor], int, float]] = {}
         self.activation_bytes_live = 0
         self.peak_activation_bytes = 0
         self.activation_log: list[int] = []
@@ -174,8 +175,12 @@ class StageRunner:
             assert action.microbatch is not None
             self._forward(action.minibatch, action.microbatch, transport, batches)
         elif action.kind == "B":
+            # micro-batches of one action often share (forward, backward) versions:
+            # build their backward weights and distance once
+            self._bw_cache = {}
             for j in action.microbatches(self.num_microbatches):
                 self._backward(action.minibatch, j, transport)
+            self._bw_cache = {}
         else:
             self._update(index, action.minibatch)
         for v, last in self.plan.keep_until.items():
@@ -335,7 +340,12 @@ class StageRunner:
         v = saved.version
         k = self.store.latest
         assert k - self.base_version == self.plan.backward_version[(t, j)]
-        weights, transient = self._backward_weights(v, k)
+        cached = self._bw_cache.get(v)
+        if cached is None:
+            weights, transient = self._backward_weights(v, k)
+            cached = (weights, transient, self._relative_distance(weights, k, v))
+            self._bw_cache[v] = cached
+        weights, transient, dist = cached
         self.store.observe(transient)
         grad_out = None if self.is_last else transport.recv_grad(self.index, t, j)
         want_dx = not self.is_first
@@ -362,7 +372,6 @@ class StageRunner:
         step.backward_version = k
         step.staleness.append(k - v)
         n_done = len(step.staleness)
-        dist = self._relative_distance(weights, k, v)
         step.relative_distance += (dist - step.relative_distance) / n_done
 
     def _backward_weights(self, v: int, k: int) -> tuple[list[Tensor], int]:

@@ -445,9 +445,9 @@ def run_training(
 
     cfg.validate()
     if cfg.engine == "distributed":
-        from timeprest.engine.launch import run_distributed_training  # type: ignore[attr-defined]
+        from timeprest.engine.launch import run_distributed_training
 
-        return run_distributed_training(cfg, resume=resume, overwrite=overwrite, log=log)  # type: ignore[no-any-return]
+        return run_distributed_training(cfg, resume=resume, overwrite=overwrite, log=log)
     if cfg.threads is not None:
         torch.set_num_threads(cfg.threads)
     run_dir = prepare_run_dir(cfg, resume=resume, overwrite=overwrite)
@@ -464,9 +464,11 @@ def run_training(
         image_size=data.image_size,
     ).to(cfg.device)
     sample = train_set.x[: max(cfg.batch_size // n, 1)].to(cfg.device)
-    plan = plan_split(
-        model, cfg.stages, cfg.balance_value(), sample_input=sample, device=cfg.device
-    )
+    balance = cfg.balance_value()
+    if resume and (run_dir / "split.json").exists():
+        # a timed split can come out differently on a second profile: resume the saved one
+        balance = list(json.loads((run_dir / "split.json").read_text())["layer_counts"])
+    plan = plan_split(model, cfg.stages, balance, sample_input=sample, device=cfg.device)
     stages = apply_plan(model, plan)
     steps_per_epoch = len(
         make_batches(train_set, cfg.batch_size, shuffle=True, seed=cfg.seed, epoch=0)

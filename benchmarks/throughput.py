@@ -1,0 +1,288 @@
+"""Throughput of the distributed runtime against torch.distributed.pipelining, W = 2 on CPU.
+
+Two processes, one stage each, one intra-op thread each (gloo on loopback).
+Both stages are the same stack of Linear+ReLU layers, so they cost the same.
+In one run, interleaved over several rounds (medians reported):
+
+- our runtime: ``v-timeprest`` and ``i-timeprest`` (nF1B, N micro-batches per
+  mini-batch), ``pipedream`` (N = 1: a mini-batch is one micro-batch), and
+  ``1f1b`` (with flush, synchronous);
+- PyTorch's ``Schedule1F1B`` and ``ScheduleGPipe`` on the same split, with
+  the same micro-batch size, N micro-batches per step and an optimizer step
+  after each;
+- the bound ``micro-batch size / max_s (F_s + B_s)``: each stage's forward
+  and backward of one micro-batch timed in isolation (plain autograd, both
+  processes at once, no communication, no update), measured again in every
+  round because the machine's load may drift.
+
+Run::
+
+    python benchmarks/throughput.py                   # N = 2 (= W, Pipeline's default)
+    python benchmarks/throughput.py --microbatches 4
+    python benchmarks/throughput.py --width 384 --layers 4 --micro-batch 256
+
+Every method trains its own copy of the same initial weights on the same
+batches; samples/s = samples / wall time of rank 0 between two barriers.
+"CPU ms/mb" is each process's CPU time (all threads) per micro-batch: on a
+shared machine it tells load from overhead. Run it on an otherwise idle
+machine: other jobs fill a pipeline's bubbles and blur the comparison.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime
+import os
+import platform
+import resource
+import socket
+import statistics
+import sys
+import time
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import Tensor, nn
+
+import timeprest
+from timeprest.engine.runtime import RuntimeOptions
+
+W = 2
+OURS = ("v-timeprest", "i-timeprest", "pipedream", "1f1b")
+THEIRS = ("torch-1F1B", "torch-GPipe")
+
+
+def parse() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--width", type=int, default=512, help="features of every layer")
+    p.add_argument("--layers", type=int, default=3, help="Linear+ReLU layers per stage")
+    p.add_argument("--micro-batch", type=int, default=256, help="rows per micro-batch")
+    p.add_argument(
+        "--microbatches", type=int, default=2, help="N per mini-batch (default W, as Pipeline's)"
+    )
+    p.add_argument(
+        "--minibatches", type=int, default=0, help="mini-batches per timed run (default 96 / N)"
+    )
+    p.add_argument("--rounds", type=int, default=5, help="timed rounds (median reported)")
+    p.add_argument("--threads", type=int, default=1, help="intra-op threads per process")
+    p.add_argument("--methods", default=",".join(OURS + THEIRS), help="comma-separated subset")
+    args = p.parse_args()
+    if args.minibatches <= 0:
+        args.minibatches = max(96 // args.microbatches, 1)
+    return args
+
+
+def make_stage(width: int, layers: int) -> nn.Module:
+    return nn.Sequential(*[m for _ in range(layers) for m in (nn.Linear(width, width), nn.ReLU())])
+
+
+def sgd(params: list[nn.Parameter]) -> torch.optim.Optimizer:
+    return torch.optim.SGD(params, lr=1e-4)
+
+
+def barrier_time() -> float:
+    dist.barrier()
+    return time.perf_counter()
+
+
+def cpu_seconds() -> float:
+    """CPU time of this process, every thread (gloo's included)."""
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+
+
+def isolated_stage_time(module: nn.Module, rank: int, rows: int, width: int) -> tuple[float, float]:
+    """Median seconds of this stage's forward and backward of one micro-batch."""
+    m = copy.deepcopy(module)
+    x = torch.randn(rows, width, requires_grad=rank > 0)
+    target = torch.randn(rows, width)
+    grad = torch.randn(rows, width)
+    fwd, bwd = [], []
+    for i in range(25):
+        t0 = time.perf_counter()
+        out = m(x)
+        if rank == W - 1:
+            out = nn.functional.mse_loss(out, target)
+        t1 = time.perf_counter()
+        if rank == W - 1:
+            out.backward()
+        else:
+            out.backward(grad)
+        t2 = time.perf_counter()
+        m.zero_grad(set_to_none=True)
+        x.grad = None
+        if i >= 5:
+            fwd.append(t1 - t0)
+            bwd.append(t2 - t1)
+    return statistics.median(fwd), statistics.median(bwd)
+
+
+class Ours:
+    def __init__(self, method: str, module: nn.Module, n: int, rank: int) -> None:
+        self.pipe = timeprest.Pipeline(
+            [module if s == rank else None for s in range(W)],  # only our own stage
+            method=method,
+            num_microbatches=1 if method == "pipedream" else n,
+            optimizer=sgd,
+            loss_fn=nn.functional.mse_loss,
+            engine="distributed",
+            runtime=RuntimeOptions(timeout=300, num_threads=None),
+        )
+
+    def run(self, batches: list[tuple[Tensor, Tensor]]) -> None:
+        self.pipe.train(batches)
+
+
+class Theirs:
+    def __init__(self, kind: str, module: nn.Module, n: int, rank: int, rows: int, width: int):
+        from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
+
+        self.rank = rank
+        self.module = module
+        # shapes are inferred at the first step, by messages between the stages
+        stage = PipelineStage(module, rank, W, torch.device("cpu"))
+        cls = Schedule1F1B if kind == "torch-1F1B" else ScheduleGPipe
+        self.schedule = cls(stage, n_microbatches=n, loss_fn=nn.functional.mse_loss)
+        self.opt = sgd(list(module.parameters()))
+
+    def run(self, batches: list[tuple[Tensor, Tensor]]) -> None:
+        for x, y in batches:
+            if self.rank == 0:
+                self.schedule.step(x)
+            else:
+                self.schedule.step(target=y)
+            self.opt.step()
+            self.opt.zero_grad(set_to_none=True)
+
+
+def worker(rank: int, args: argparse.Namespace, port: int) -> None:
+    torch.set_num_threads(args.threads)
+    dist.init_process_group(
+        "gloo",
+        init_method=f"tcp://127.0.0.1:{port}",
+        rank=rank,
+        world_size=W,
+        timeout=datetime.timedelta(seconds=600),
+    )
+    load = os.getloadavg()[0]
+    width, m, n, t = args.width, args.micro_batch, args.microbatches, args.minibatches
+    torch.manual_seed(rank)
+    base = make_stage(width, args.layers)
+    g = torch.Generator().manual_seed(0)
+    # one set of micro-batch-sized rows; a mini-batch is N of them (pipedream: one)
+    big = [(torch.randn(n * m, width, generator=g), torch.randn(n * m, width, generator=g))]
+    batches = big * t
+    small = [(x[:m], y[:m]) for x, y in big] * (t * n)
+
+    methods = [s for s in args.methods.split(",") if s]
+    runners: dict[str, Any] = {}
+    for name in methods:
+        module = copy.deepcopy(base)
+        if name in OURS:
+            runners[name] = Ours(name, module, n, rank)
+        else:
+            runners[name] = Theirs(name, module, n, rank, m, width)
+    data = {name: (small if name == "pipedream" else batches) for name in methods}
+    # warm-up: shapes, allocator, first-call costs
+    for name in methods:
+        runners[name].run(data[name][:2])
+    rates: dict[str, list[float]] = {name: [] for name in methods}
+    cpu: dict[str, list[list[float]]] = {name: [] for name in methods}
+    stage_times: list[list[tuple[float, float]]] = []
+    for _ in range(args.rounds):
+        # the bound is measured in every round too: the machine's load may drift
+        barrier_time()
+        mine = isolated_stage_time(base, rank, m, width)
+        both: list[Any] = [None] * W
+        dist.all_gather_object(both, mine)
+        stage_times.append(both)
+        for name in methods:  # interleaved, so drifting load hits every method alike
+            t0 = barrier_time()
+            c0 = cpu_seconds()
+            runners[name].run(data[name])
+            c1 = cpu_seconds()
+            t1 = barrier_time()
+            rates[name].append(t * n * m / (t1 - t0))
+            used: list[Any] = [None] * W
+            dist.all_gather_object(used, (c1 - c0) / (t * n))
+            cpu[name].append(used)
+    if rank == 0:
+        report(args, stage_times, rates, cpu, load)
+    dist.destroy_process_group()
+
+
+def report(
+    args: argparse.Namespace,
+    stage_times: list[list[tuple[float, float]]],
+    rates: dict[str, list[float]],
+    cpu: dict[str, list[list[float]]],
+    load: float,
+) -> None:
+    m = args.micro_batch
+    bounds = [m / max(f + b for f, b in round_times) for round_times in stage_times]
+    bound = statistics.median(bounds)
+    cpu_name = "?"
+    try:
+        with open("/proc/cpuinfo") as info:
+            cpu_name = next(
+                ln.split(":", 1)[1].strip() for ln in info if ln.startswith("model name")
+            )
+    except (OSError, StopIteration):
+        pass
+    print("== throughput: W=2 stages, one process each, gloo on loopback ==")
+    print(
+        f"torch {torch.__version__}, timeprest {timeprest.__version__}, python "
+        f"{platform.python_version()}, {os.cpu_count()} cores ({cpu_name}), "
+        f"load average {load:.2f} at the start, {os.getloadavg()[0]:.2f} at the end"
+    )
+    print(
+        f"model: {args.layers} x Linear({args.width},{args.width})+ReLU per stage, float32; "
+        f"micro-batch {m} rows, N={args.microbatches} per mini-batch "
+        f"(pipedream: N=1, mini-batch = one micro-batch), {args.minibatches} mini-batches "
+        f"per timed run, {args.rounds} rounds, {args.threads} intra-op thread(s) per process"
+    )
+    for s in range(W):
+        f = statistics.median(t[s][0] for t in stage_times)
+        b = statistics.median(t[s][1] for t in stage_times)
+        print(f"stage {s} in isolation: F {f * 1e3:.2f} ms, B {b * 1e3:.2f} ms per micro-batch")
+    print(
+        f"bound m / max_s(F_s+B_s): {bound:,.0f} samples/s (rounds: "
+        + " ".join(f"{x:,.0f}" for x in bounds)
+        + ")"
+    )
+    print("ratios are medians over rounds of per-round ratios")
+    print()
+    theirs = rates.get("torch-1F1B")
+    print(
+        f"{'method':<14}{'samples/s':>11}{'/ bound':>9}{'/ torch-1F1B':>14}"
+        f"{'CPU ms/mb s0, s1':>18}  samples/s per round"
+    )
+    for name, rs in rates.items():
+        of_bound = statistics.median(r / b for r, b in zip(rs, bounds))
+        vs = f"{statistics.median(r / q for r, q in zip(rs, theirs)):.2f}x" if theirs else "-"
+        rounds = " ".join(f"{x:,.0f}" for x in rs)
+        used = ", ".join(
+            f"{statistics.median(c[s] for c in cpu[name]) * 1e3:.1f}" for s in range(W)
+        )
+        print(
+            f"{name:<14}{statistics.median(rs):>11,.0f}{of_bound:>9.2f}{vs:>14}{used:>18}  {rounds}"
+        )
+    sys.stdout.flush()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def main() -> None:
+    args = parse()
+    mp.spawn(worker, args=(args, free_port()), nprocs=W, join=True)
+
+
+if __name__ == "__main__":
+    main()

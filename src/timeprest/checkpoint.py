@@ -1,0 +1,273 @@
+"""Checkpoints of a drained pipeline: one format for the emulator and the runtime.
+
+A checkpoint directory holds::
+
+    manifest.json   format, configuration and its hash, number of stages, mini-batch cursor
+    stage0.pt       per stage: module state (parameters and buffers), optimizer state,
+    stage1.pt       version counter, mini-batch cursor, RNG states
+    ...
+
+Everything a resumed run needs to continue bitwise is there: the weights and
+the optimizer state, the version counter (the plan counts versions from it),
+the cursor (it seeds dropout per micro-batch and tells the caller where the
+data stream resumes) and the process's RNG states (for the caller's own
+shuffling). Each file is written under a temporary name and renamed into
+place; the manifest goes last, and loading checks that every stage file
+carries the manifest's cursor, so a crash mid-save is detected instead of
+resuming from a mix of two checkpoints. Files load with
+``torch.load(weights_only=True)``: no pickled code.
+
+With the distributed engine every rank writes and reads only its own
+``stage{r}.pt`` and every rank writes the (identical) manifest, so the
+directory may be local to each node.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from timeprest.errors import ConfigError
+
+if TYPE_CHECKING:
+    from timeprest.pipeline import Pipeline
+    from timeprest.stage import StageRunner
+
+FORMAT = "timeprest-checkpoint"
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+
+
+def stage_file(stage: int) -> str:
+    return f"stage{stage}.pt"
+
+
+def pipeline_config(pipe: Pipeline) -> dict[str, Any]:
+    """What a checkpoint must agree on with the pipeline that loads it (not the engine)."""
+    c = pipe.costs
+    config = {k: v for k, v in pipe.describe().items() if k != "engine"}
+    config["costs_values"] = [list(c.forward), list(c.backward), list(c.update), list(c.comm)]
+    return config
+
+
+def config_hash(config: dict[str, Any]) -> str:
+    text = json.dumps(config, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+# -- writing ------------------------------------------------------------------------------
+
+
+def _fsync_dir(directory: Path) -> None:
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_write(path: Path, write: Any) -> None:
+    """Call ``write(file)`` on a temporary file beside ``path``, then rename it into place."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    _fsync_dir(path.parent)
+
+
+def rng_state() -> dict[str, Any]:
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else []
+    return {"torch": torch.get_rng_state(), "cuda": list(cuda), "python": random.getstate()}
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+
+
+def stage_state(runner: StageRunner, minibatches_done: int) -> dict[str, Any]:
+    """The contents of ``stage{s}.pt``."""
+    return {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "stage": runner.index,
+        "module": runner.module.state_dict(),
+        "optimizer": None if runner.optimizer is None else runner.optimizer.state_dict(),
+        "updates": runner.store.latest,
+        "minibatches_done": minibatches_done,
+        "rng": rng_state(),
+    }
+
+
+def _check_drained(pipe: Pipeline) -> None:
+    for r in pipe.runners:
+        # one update per mini-batch at every stage: a train() that failed part-way
+        # leaves a stage ahead of the cursor, and such a state cannot be resumed
+        if r.store.latest != pipe.minibatches_done:
+            raise ConfigError(
+                f"stage {r.index} has applied {r.store.latest} updates but the pipeline "
+                f"completed {pipe.minibatches_done} mini-batches (a train() call failed "
+                "part-way?): only a drained pipeline can be checkpointed"
+            )
+
+
+def _manifest(pipe: Pipeline) -> dict[str, Any]:
+    import timeprest
+
+    config = pipeline_config(pipe)
+    return {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "config": config,
+        "config_hash": config_hash(config),
+        "num_stages": pipe.num_stages,
+        "minibatches_done": pipe.minibatches_done,
+        "stages": [stage_file(s) for s in range(pipe.num_stages)],
+        "timeprest": timeprest.__version__,
+        "torch": torch.__version__,
+    }
+
+
+def save_checkpoint(pipe: Pipeline, directory: str | os.PathLike[str]) -> Path:
+    """Write ``pipe``'s stage files (the ones this process runs), then the manifest."""
+    d = Path(directory)
+
+    def write_stages() -> None:
+        _check_drained(pipe)
+        d.mkdir(parents=True, exist_ok=True)
+        for r in pipe.runners:
+            state = stage_state(r, pipe.minibatches_done)
+            atomic_write(d / stage_file(r.index), lambda f, st=state: torch.save(st, f))
+
+    def write_manifest() -> None:
+        text = json.dumps(_manifest(pipe), indent=2, sort_keys=True) + "\n"
+        atomic_write(d / MANIFEST, lambda f: f.write(text.encode()))
+
+    runtime = pipe._runtime
+    if runtime is None:
+        write_stages()
+        write_manifest()
+    else:
+        # the manifest must not name files that another rank failed to write
+        runtime.agreed("saving the checkpoint", write_stages)
+        runtime.agreed("writing the checkpoint manifest", write_manifest)
+    return d
+
+
+# -- reading ------------------------------------------------------------------------------
+
+
+def read_manifest(directory: str | os.PathLike[str]) -> dict[str, Any]:
+    path = Path(directory) / MANIFEST
+    if not path.exists():
+        raise ConfigError(f"no checkpoint in {directory}: {MANIFEST} is missing")
+    try:
+        manifest: dict[str, Any] = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"cannot read {path}: {exc}") from exc
+    if manifest.get("format") != FORMAT or manifest.get("format_version") != FORMAT_VERSION:
+        raise ConfigError(
+            f"{path} is not a {FORMAT} version {FORMAT_VERSION} manifest "
+            f"(format {manifest.get('format')!r}, version {manifest.get('format_version')!r})"
+        )
+    return manifest
+
+
+def _check_config(pipe: Pipeline, manifest: dict[str, Any], directory: Path) -> None:
+    config = pipeline_config(pipe)
+    if manifest["config_hash"] == config_hash(config):
+        return
+    saved = manifest["config"]
+    diffs = [
+        f"{k}: checkpoint {saved.get(k)!r}, pipeline {config.get(k)!r}"
+        for k in sorted(set(saved) | set(config))
+        if saved.get(k) != config.get(k)
+    ]
+    raise ConfigError(
+        f"the checkpoint in {directory} was written by a different configuration: "
+        + ("; ".join(diffs) or "hash differs")
+    )
+
+
+def _apply(runner: StageRunner, state: dict[str, Any], path: Path) -> None:
+    try:
+        runner.module.load_state_dict(state["module"])
+    except RuntimeError as exc:
+        first = str(exc).strip().splitlines()[0]
+        raise ConfigError(f"{path} does not fit stage {runner.index}'s module: {first}") from exc
+    opt_state = state["optimizer"]
+    if (opt_state is None) != (runner.optimizer is None):
+        raise ConfigError(
+            f"{path}: the checkpoint and stage {runner.index} disagree on whether "
+            "the stage has trainable parameters"
+        )
+    if runner.optimizer is not None:
+        try:
+            runner.optimizer.load_state_dict(opt_state)
+        except (ValueError, KeyError) as exc:
+            raise ConfigError(
+                f"{path}: the optimizer state does not fit stage {runner.index}'s optimizer "
+                f"(a different optimizer?): {exc}"
+            ) from exc
+    runner.store.latest = int(state["updates"])
+    runner.store.reset_peaks()
+
+
+def load_checkpoint(pipe: Pipeline, directory: str | os.PathLike[str]) -> None:
+    """Restore ``pipe`` (the stages this process runs) from ``directory``."""
+    d = Path(directory)
+
+    def load() -> None:
+        manifest = read_manifest(d)
+        _check_config(pipe, manifest, d)
+        if manifest["num_stages"] != pipe.num_stages:
+            raise ConfigError(
+                f"the checkpoint has {manifest['num_stages']} stages, the pipeline "
+                f"{pipe.num_stages}"
+            )
+        cursor = int(manifest["minibatches_done"])
+        states = []
+        for r in pipe.runners:
+            path = d / stage_file(r.index)
+            if not path.exists():
+                raise ConfigError(f"checkpoint {d} has no file for stage {r.index} ({path.name})")
+            state = torch.load(path, map_location=r.device, weights_only=True)
+            if state.get("stage") != r.index or state.get("minibatches_done") != cursor:
+                raise ConfigError(
+                    f"{path} is from mini-batch {state.get('minibatches_done')} but the "
+                    f"manifest says {cursor}: the checkpoint was cut off while being "
+                    "written; use an older one"
+                )
+            states.append((r, state, path))
+        for r, state, path in states:
+            _apply(r, state, path)
+        if states:
+            set_rng_state(states[0][1]["rng"])
+        pipe.minibatches_done = cursor
+        pipe._refresh_stage_reports()
+
+    runtime = pipe._runtime
+    if runtime is None:
+        load()
+    else:
+        runtime.agreed("loading the checkpoint", load)
