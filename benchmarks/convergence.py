@@ -48,6 +48,7 @@ def run_one(job: dict[str, Any]) -> dict[str, Any]:
     """Train one (variant, seed) in this worker process; return its summary."""
     import torch
 
+    from timeprest.errors import NonFiniteLossError
     from timeprest.train import TrainConfig, run_training
 
     torch.set_num_threads(1)
@@ -81,7 +82,11 @@ def run_one(job: dict[str, Any]) -> dict[str, Any]:
         progress=False,
     )
     lines: list[str] = []
-    result = run_training(cfg, overwrite=True, log=lines.append)
+    try:
+        result = run_training(cfg, overwrite=True, log=lines.append)
+    except NonFiniteLossError as exc:
+        # divergence is a result of the comparison, not a failure of the benchmark
+        return {"job": job, "summary": None, "diverged": str(exc), "reused": False}
     return {"job": job, "summary": result.summary, "reused": False, "log": lines}
 
 
@@ -109,7 +114,11 @@ def table(results: dict[str, list[dict[str, Any]]], target: float | None) -> str
     )
     rows = []
     for variant, runs in results.items():
-        s = [r["summary"] for r in runs]
+        diverged = [r for r in runs if r["summary"] is None]
+        s = [r["summary"] for r in runs if r["summary"] is not None]
+        if not s:
+            rows.append(f"| {variant} | diverged | diverged | - | - | - | - | - |")
+            continue
         final = [x["final_test_accuracy"] for x in s]
         best = [x["best_test_accuracy"] for x in s]
         reach = [x["epochs_to_target"] for x in s]
@@ -126,6 +135,7 @@ def table(results: dict[str, list[dict[str, Any]]], target: float | None) -> str
             + " | "
             + " / ".join(f"{b / 1024:.0f}" for b in peak)
             + f" | {ept:.0f} |"
+            + (f" ({len(diverged)} of {len(runs)} runs diverged)" if diverged else "")
         )
     return head + "\n".join(rows) + "\n"
 
@@ -141,7 +151,7 @@ def plot_curves(results: dict[str, list[dict[str, Any]]], out: Path, title: str)
         return None
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
     for variant, runs in results.items():
-        hists = [load_history(Path(r["job"]["run_dir"])) for r in runs]
+        hists = [load_history(Path(r["job"]["run_dir"])) for r in runs if r["summary"]]
         hists = [h for h in hists if h]
         if not hists:
             continue
@@ -237,6 +247,14 @@ def main(argv: list[str] | None = None) -> int:
             job = res["job"]
             s = res["summary"]
             tag = "reused" if res["reused"] else "trained"
+            if s is None:
+                print(
+                    f"diverged: lr={job['lr']:g} {job['variant']} seed {job['seed']}: "
+                    f"{res['diverged']}",
+                    flush=True,
+                )
+                results.setdefault((job["lr"], job["variant"]), []).append(res)
+                continue
             print(
                 f"{tag}: lr={job['lr']:g} {job['variant']} seed {job['seed']}: "
                 f"final {s['final_test_accuracy'] * 100:.2f}% best {s['best_test_accuracy'] * 100:.2f}% "
@@ -249,12 +267,12 @@ def main(argv: list[str] | None = None) -> int:
     md.append(f"Configuration: `{json.dumps(config)}`\n")
     md.append(f"Environment: `{json.dumps(env)}`\n")
     for lr in lrs:
-        sub = {v: results[(lr, v)] for v in variants}
+        by_variant = {v: results[(lr, v)] for v in variants}
         md.append(f"\n## lr = {lr:g}\n\n")
-        md.append(table(sub, args.target))
+        md.append(table(by_variant, args.target))
         lr_out = out / f"lr{lr:g}" if args.sweep else out
         lr_out.mkdir(parents=True, exist_ok=True)
-        png = plot_curves(sub, lr_out, f"{args.model}/{args.dataset} lr={lr:g}")
+        png = plot_curves(by_variant, lr_out, f"{args.model}/{args.dataset} lr={lr:g}")
         if png:
             md.append(f"\n![curves]({png.relative_to(out)})\n")
     md.append(f"\nTotal time: {time.perf_counter() - t0:.0f} s\n")
