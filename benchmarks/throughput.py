@@ -4,16 +4,27 @@ Two processes, one stage each, one intra-op thread each (gloo on loopback).
 Both stages are the same stack of Linear+ReLU layers, so they cost the same.
 In one run, interleaved over several rounds (medians reported):
 
-- our runtime: ``v-timeprest`` and ``i-timeprest`` (nF1B, N micro-batches per
-  mini-batch), ``pipedream`` (N = 1: a mini-batch is one micro-batch), and
-  ``1f1b`` (with flush, synchronous);
+- our runtime: ``gpipe`` and ``1f1b`` (with flush, synchronous),
+  ``pipedream`` (N = 1: a mini-batch is one micro-batch), ``v-timeprest`` and
+  ``i-timeprest`` (nF1B, N micro-batches per mini-batch);
 - PyTorch's ``Schedule1F1B`` and ``ScheduleGPipe`` on the same split, with
   the same micro-batch size, N micro-batches per step and an optimizer step
   after each;
 - the bound ``micro-batch size / max_s (F_s + B_s)``: each stage's forward
   and backward of one micro-batch timed in isolation (plain autograd, both
   processes at once, no communication, no update), measured again in every
-  round because the machine's load may drift.
+  round because the machine's load may drift;
+- the simulator's prediction for each of our methods: in every round both
+  processes profile the two stages at once with
+  ``timeprest.sim.profile.profile_stages`` (one thread each, as in the runs;
+  stage s's costs are taken from rank s), the medians over rounds form the
+  cost model, and ``timeprest.sim.simulate(method, W, N, T, cost_model,
+  order_costs="default")`` (the order ``Pipeline`` uses) predicts the time
+  per mini-batch. It is compared with the measured time per mini-batch:
+  "wall" is the timed run's wall time over its mini-batches (fill and drain
+  of the one ``train()`` call included; warm-up excluded), "steady" the mean
+  interval between successive losses at the last stage over the middle half
+  of the mini-batches (no fill or drain, like the simulator's figure).
 
 Run::
 
@@ -49,9 +60,12 @@ from torch import Tensor, nn
 
 import timeprest
 from timeprest.engine.runtime import RuntimeOptions
+from timeprest.sim import simulate
+from timeprest.sim.costmodel import CostModel, StageCost
+from timeprest.sim.profile import profile_stages
 
 W = 2
-OURS = ("v-timeprest", "i-timeprest", "pipedream", "1f1b")
+OURS = ("gpipe", "1f1b", "pipedream", "v-timeprest", "i-timeprest")
 THEIRS = ("torch-1F1B", "torch-GPipe")
 
 
@@ -120,8 +134,34 @@ def isolated_stage_time(module: nn.Module, rank: int, rows: int, width: int) -> 
     return statistics.median(fwd), statistics.median(bwd)
 
 
+def profiled_costs(stages: list[nn.Module], batch: tuple[Tensor, Tensor], n: int) -> CostModel:
+    """Both stages profiled by the simulator's own profiler (in this process, one thread)."""
+    x, y = batch
+    return profile_stages(
+        stages,
+        x,
+        n,
+        sample_target=y,
+        loss_fn=nn.functional.mse_loss,
+        optimizer=sgd,
+        warmup=3,
+        repeats=15,
+    )
+
+
+def steady_interval(stamps: list[float]) -> float:
+    """Mean interval between successive losses over the middle half (no fill, no drain)."""
+    t = len(stamps)
+    a, b = t // 4, t - 1 - t // 4
+    if b <= a:
+        a, b = 0, t - 1
+    return (stamps[b] - stamps[a]) / max(b - a, 1)
+
+
 class Ours:
     def __init__(self, method: str, module: nn.Module, n: int, rank: int) -> None:
+        self.last = rank == W - 1
+        self.stamps: list[float] = []
         self.pipe = timeprest.Pipeline(
             [module if s == rank else None for s in range(W)],  # only our own stage
             method=method,
@@ -132,8 +172,13 @@ class Ours:
             runtime=RuntimeOptions(timeout=300, num_threads=None),
         )
 
+    def _stamp(self, minibatch: int, loss: float) -> None:
+        self.stamps.append(time.perf_counter())
+
     def run(self, batches: list[tuple[Tensor, Tensor]]) -> None:
-        self.pipe.train(batches)
+        self.stamps = []
+        # on_loss is called live on the last rank: the time each mini-batch's loss is known
+        self.pipe.train(batches, on_loss=self._stamp if self.last else None)
 
 
 class Theirs:
@@ -169,8 +214,11 @@ def worker(rank: int, args: argparse.Namespace, port: int) -> None:
     )
     load = os.getloadavg()[0]
     width, m, n, t = args.width, args.micro_batch, args.microbatches, args.minibatches
-    torch.manual_seed(rank)
-    base = make_stage(width, args.layers)
+    stages = []
+    for s in range(W):  # every rank builds both stages (to profile them); runs only its own
+        torch.manual_seed(s)
+        stages.append(make_stage(width, args.layers))
+    base = stages[rank]
     g = torch.Generator().manual_seed(0)
     # one set of micro-batch-sized rows; a mini-batch is N of them (pipedream: one)
     big = [(torch.randn(n * m, width, generator=g), torch.randn(n * m, width, generator=g))]
@@ -192,6 +240,8 @@ def worker(rank: int, args: argparse.Namespace, port: int) -> None:
     rates: dict[str, list[float]] = {name: [] for name in methods}
     cpu: dict[str, list[list[float]]] = {name: [] for name in methods}
     stage_times: list[list[tuple[float, float]]] = []
+    profiles: list[list[Any]] = []  # per round, per rank: (F, B, U) of every stage
+    steady: dict[str, list[float]] = {name: [] for name in methods if name in OURS}
     for _ in range(args.rounds):
         # the bound is measured in every round too: the machine's load may drift
         barrier_time()
@@ -199,6 +249,13 @@ def worker(rank: int, args: argparse.Namespace, port: int) -> None:
         both: list[Any] = [None] * W
         dist.all_gather_object(both, mine)
         stage_times.append(both)
+        barrier_time()  # the simulator's profile, both processes at once like the runs
+        cm = profiled_costs(stages, big[0], n)
+        prof: list[Any] = [None] * W
+        dist.all_gather_object(
+            prof, [(c.forward_time, c.backward_time, c.update_time) for c in cm.stages]
+        )
+        profiles.append(prof)
         for name in methods:  # interleaved, so drifting load hits every method alike
             t0 = barrier_time()
             c0 = cpu_seconds()
@@ -209,8 +266,13 @@ def worker(rank: int, args: argparse.Namespace, port: int) -> None:
             used: list[Any] = [None] * W
             dist.all_gather_object(used, (c1 - c0) / (t * n))
             cpu[name].append(used)
+            if name in steady:
+                st: list[Any] = [None] * W
+                dist.all_gather_object(st, runners[name].stamps)
+                steady[name].append(steady_interval(st[W - 1]))
     if rank == 0:
         report(args, stage_times, rates, cpu, load)
+        predict(args, methods, profiles, cm, rates, steady)
     dist.destroy_process_group()
 
 
@@ -269,6 +331,69 @@ def report(
         )
         print(
             f"{name:<14}{statistics.median(rs):>11,.0f}{of_bound:>9.2f}{vs:>14}{used:>18}  {rounds}"
+        )
+    sys.stdout.flush()
+
+
+def predict(
+    args: argparse.Namespace,
+    methods: list[str],
+    profiles: list[list[Any]],
+    template: CostModel,
+    rates: dict[str, list[float]],
+    steady: dict[str, list[float]],
+) -> None:
+    """The simulator's time per mini-batch next to the measured one, for each of our methods."""
+    n, m, t = args.microbatches, args.micro_batch, args.minibatches
+    costs = []
+    for s in range(W):  # stage s as profiled by rank s, median over rounds
+        f, b, u = (statistics.median(p[s][s][i] for p in profiles) for i in range(3))
+        costs.append(
+            StageCost(
+                **{
+                    **vars(template.stages[s]),
+                    "forward_time": f,
+                    "backward_time": b,
+                    "update_time": u,
+                }
+            )
+        )
+    print()
+    print("== simulator vs runtime: time per mini-batch ==")
+    for s, c in enumerate(costs):
+        print(
+            f"stage {s} profiled (profile_stages, both processes at once, medians over rounds): "
+            f"F {c.forward_time * 1e3:.2f} ms, B {c.backward_time * 1e3:.2f} ms per "
+            f"micro-batch, U {c.update_time * 1e3:.2f} ms per mini-batch"
+        )
+    print(
+        'simulate(method, W, N, T, cost_model, order_costs="default"); measured: '
+        "wall = timed run / its mini-batches, steady = mean interval between losses at "
+        "the last stage over the middle half (medians over rounds)"
+    )
+    print(
+        f"{'method':<14}{'N':>3}{'T':>5}{'predicted ms':>14}{'wall ms':>9}{'pred/wall':>11}"
+        f"{'steady ms':>11}{'pred/steady':>13}"
+    )
+    for name in methods:
+        if name not in OURS:
+            continue
+        nn_ = 1 if name == "pipedream" else n
+        count = t * n // nn_  # mini-batches in a timed run
+        cm = CostModel(
+            stages=tuple(costs),
+            input_bytes=template.input_bytes,
+            bandwidth=template.bandwidth,
+            latency=template.latency,
+            meta=template.meta,
+        )
+        pred = simulate(name, W, nn_, count, cm, order_costs="default").time_per_minibatch
+        # samples/s -> seconds per mini-batch of nn_ micro-batches
+        wall = statistics.median(nn_ * m / r for r in rates[name])
+        st = statistics.median(steady[name])
+        print(
+            f"{name:<14}{nn_:>3}{count:>5}{pred * 1e3:>14.2f}{wall * 1e3:>9.2f}"
+            f"{pred / wall:>11.2f}{st * 1e3:>11.2f}{pred / st:>13.2f}"
         )
     sys.stdout.flush()
 
