@@ -29,7 +29,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from torch import nn
@@ -37,6 +37,9 @@ from torch import nn
 from timeprest.errors import ConfigError
 from timeprest.policy import get_method
 from timeprest.schedule.costs import COST_MODES
+
+if TYPE_CHECKING:
+    from timeprest.pipeline import Pipeline
 
 OPTIMIZERS = ("sgd", "adam", "adamw")
 LR_SCHEDULES = ("constant", "cosine")
@@ -419,6 +422,62 @@ class Progress:
             print(file=sys.stderr, flush=True)
 
 
+def build_pipeline(cfg: TrainConfig, stages: Any, steps_per_epoch: int, **engine: Any) -> Pipeline:
+    """The Pipeline a run of ``cfg`` trains (``engine``: extra options for the distributed one)."""
+    from timeprest.pipeline import Pipeline
+
+    return Pipeline(
+        stages,
+        method=cfg.method,
+        num_microbatches=cfg.num_microbatches,
+        optimizer=make_optimizer(cfg),
+        loss_fn=nn.functional.cross_entropy,
+        schedule=cfg.schedule,
+        forward=cfg.forward,
+        backward=cfg.backward,
+        grad_rule=cfg.grad_rule,
+        significance=cfg.significance,
+        decay=cfg.decay,
+        costs=cfg.costs,
+        seed=cfg.seed,
+        lr_lambda=lr_factor(cfg, steps_per_epoch),
+        **engine,
+    )
+
+
+def write_run_files(
+    run_dir: Path,
+    cfg: TrainConfig,
+    pipe: Pipeline,
+    augment: bool,
+    split: dict[str, Any],
+    **env: Any,
+) -> None:
+    """config.json (with what the pipeline resolved), env.json and split.json."""
+    resolved = {**cfg.to_dict(), "microbatches": cfg.microbatches, "resolved": pipe.describe()}
+    resolved["resolved"]["num_microbatches"] = cfg.num_microbatches
+    resolved["resolved"]["augment"] = augment
+    write_json(run_dir / "config.json", resolved)
+    write_json(run_dir / "env.json", {**environment(cfg), **env})
+    write_json(run_dir / "split.json", split)
+
+
+def saved_split(run_dir: Path, resume: bool) -> list[int] | None:
+    """Layer counts of the run being resumed: its checkpoint holds the stages of that split."""
+    f = run_dir / "split.json"
+    if resume and f.exists():
+        return list(json.loads(f.read_text())["layer_counts"])
+    return None
+
+
+def trim_logs(epochs_log: Path, mb_log: Path, history: list[dict[str, Any]], done: int) -> None:
+    """Rewrite the logs to what a checkpoint covers: an epoch cut short is redone."""
+    epochs_log.write_text("".join(json.dumps(h) + "\n" for h in history))
+    if mb_log.exists():
+        kept = [ln for ln in mb_log.read_text().splitlines() if json.loads(ln)["minibatch"] < done]
+        mb_log.write_text("".join(ln + "\n" for ln in kept))
+
+
 @dataclass
 class RunResult:
     run_dir: Path
@@ -439,7 +498,6 @@ def run_training(
     """Train as ``cfg`` says; write the run directory; return the summary."""
     from timeprest.data import load_dataset, make_batches
     from timeprest.models import build_model
-    from timeprest.pipeline import Pipeline
     from timeprest.split import apply_plan, plan_split
     from timeprest.tensorboard import EpochWriter
 
@@ -464,37 +522,14 @@ def run_training(
         image_size=data.image_size,
     ).to(cfg.device)
     sample = train_set.x[: max(cfg.batch_size // n, 1)].to(cfg.device)
-    balance = cfg.balance_value()
-    if resume and (run_dir / "split.json").exists():
-        # a timed split can come out differently on a second profile: resume the saved one
-        balance = list(json.loads((run_dir / "split.json").read_text())["layer_counts"])
+    balance = saved_split(run_dir, resume) or cfg.balance_value()
     plan = plan_split(model, cfg.stages, balance, sample_input=sample, device=cfg.device)
     stages = apply_plan(model, plan)
     steps_per_epoch = len(
         make_batches(train_set, cfg.batch_size, shuffle=True, seed=cfg.seed, epoch=0)
     )
-    pipe = Pipeline(
-        stages,
-        method=cfg.method,
-        num_microbatches=n,
-        optimizer=make_optimizer(cfg),
-        loss_fn=nn.functional.cross_entropy,
-        schedule=cfg.schedule,
-        forward=cfg.forward,
-        backward=cfg.backward,
-        grad_rule=cfg.grad_rule,
-        significance=cfg.significance,
-        decay=cfg.decay,
-        costs=cfg.costs,
-        seed=cfg.seed,
-        lr_lambda=lr_factor(cfg, steps_per_epoch),
-    )
-    resolved = {**cfg.to_dict(), "microbatches": cfg.microbatches, "resolved": pipe.describe()}
-    resolved["resolved"]["num_microbatches"] = n
-    resolved["resolved"]["augment"] = augment
-    write_json(run_dir / "config.json", resolved)
-    write_json(run_dir / "env.json", environment(cfg))
-    write_json(run_dir / "split.json", plan.to_dict())
+    pipe = build_pipeline(cfg, stages, steps_per_epoch)
+    write_run_files(run_dir, cfg, pipe, augment, plan.to_dict())
     log(
         f"{cfg.method}: {cfg.model} on {cfg.dataset} ({len(train_set)} train / {len(test_set)} "
         f"test rows), W={cfg.stages} stages, N={n} micro-batches, batch {cfg.batch_size}, "
@@ -663,12 +698,5 @@ def _resume(
     load(ckpt_dir)
     prog = json.loads(prog_file.read_text())
     history = list(prog["history"])
-    # rewrite the logs to what the checkpoint covers: an epoch cut short is redone
-    epochs_log.write_text("".join(json.dumps(h) + "\n" for h in history))
-    last_mb = pipe.minibatches_done
-    if mb_log.exists():
-        kept = [
-            ln for ln in mb_log.read_text().splitlines() if json.loads(ln)["minibatch"] < last_mb
-        ]
-        mb_log.write_text("".join(ln + "\n" for ln in kept))
+    trim_logs(epochs_log, mb_log, history, pipe.minibatches_done)
     return int(prog["epoch"]), history, float(prog["wall_time"])

@@ -152,22 +152,22 @@ def _broadcast(job: DistributedRuntime, value: Any) -> Any:
 def _train_rank(
     cfg: TrainConfig, *, resume: bool, overwrite: bool, log: Callable[[str], None]
 ) -> RunResult:
-    from torch import nn
 
     from timeprest.data import load_dataset, make_batches
     from timeprest.models import build_model
-    from timeprest.pipeline import Pipeline
     from timeprest.split import apply_plan, plan_split
     from timeprest.train import (
         Progress,
         RunResult,
-        environment,
+        build_pipeline,
         evaluate,
         lr_factor,
-        make_optimizer,
         prepare_run_dir,
+        saved_split,
         summarize,
+        trim_logs,
         write_json,
+        write_run_files,
     )
 
     opts = RuntimeOptions(
@@ -236,10 +236,7 @@ def _train_rank(
     )
 
     def choose_split() -> Any:
-        balance: Any = cfg.balance_value()
-        saved = run_dir / "split.json"
-        if resume and saved.exists():  # the checkpoint holds the stages of the saved split
-            balance = list(json.loads(saved.read_text())["layer_counts"])
+        balance: Any = saved_split(run_dir, resume) or cfg.balance_value()
         sample = train_set.x[: max(cfg.batch_size // n, 1)] if train_set is not None else None
         return plan_split(model, cfg.stages, balance, sample_input=sample)
 
@@ -248,31 +245,11 @@ def _train_rank(
     stages = apply_plan(model, plan)
     train_rows = meta["rows"][0]
     steps_per_epoch = -(-train_rows // cfg.batch_size)
-    pipe = Pipeline(
-        lambda s: stages[s],
-        method=cfg.method,
-        num_microbatches=n,
-        optimizer=make_optimizer(cfg),
-        loss_fn=nn.functional.cross_entropy,
-        schedule=cfg.schedule,
-        forward=cfg.forward,
-        backward=cfg.backward,
-        grad_rule=cfg.grad_rule,
-        significance=cfg.significance,
-        decay=cfg.decay,
-        costs=cfg.costs,
-        seed=cfg.seed,
-        lr_lambda=lr_factor(cfg, steps_per_epoch),
-        engine="distributed",
-        runtime=opts,
+    pipe = build_pipeline(
+        cfg, lambda s: stages[s], steps_per_epoch, engine="distributed", runtime=opts
     )
     if first:
-        resolved = {**cfg.to_dict(), "microbatches": cfg.microbatches, "resolved": pipe.describe()}
-        resolved["resolved"]["num_microbatches"] = n
-        resolved["resolved"]["augment"] = augment
-        write_json(run_dir / "config.json", resolved)
-        write_json(run_dir / "env.json", {**environment(cfg), "processes": w})
-        write_json(run_dir / "split.json", plan.to_dict())
+        write_run_files(run_dir, cfg, pipe, augment, plan.to_dict(), processes=w)
     say(
         f"{cfg.method}: {cfg.model} on {cfg.dataset} ({train_rows} train / {meta['rows'][1]} "
         f"test rows), W={cfg.stages} stages in {w} processes, N={n} micro-batches, "
@@ -288,14 +265,7 @@ def _train_rank(
         start_epoch, history = int(prog["epoch"]), list(prog["history"])
         wall_offset = float(prog["wall_time"])
         if first:
-            epochs_log.write_text("".join(json.dumps(h) + "\n" for h in history))
-            if mb_log.exists():
-                kept = [
-                    ln
-                    for ln in mb_log.read_text().splitlines()
-                    if json.loads(ln)["minibatch"] < pipe.minibatches_done
-                ]
-                mb_log.write_text("".join(ln + "\n" for ln in kept))
+            trim_logs(epochs_log, mb_log, history, pipe.minibatches_done)
         say(f"resumed {run_dir} after epoch {start_epoch}")
     elif first:
         for old in (epochs_log, mb_log):
