@@ -63,8 +63,12 @@ class SplitBatches:
         self._n = num_microbatches
         # clones, not views: a micro-batch owns its rows, so its saved input
         # counts its own bytes rather than the whole mini-batch's storage
-        self._inputs = [[c.clone() for c in torch.tensor_split(x, num_microbatches)] for x, _ in batches]
-        self._targets = [[c.clone() for c in torch.tensor_split(y, num_microbatches)] for _, y in batches]
+        self._inputs = [
+            [c.clone() for c in torch.tensor_split(x, num_microbatches)] for x, _ in batches
+        ]
+        self._targets = [
+            [c.clone() for c in torch.tensor_split(y, num_microbatches)] for _, y in batches
+        ]
         self._rows = [int(x.shape[0]) for x, _ in batches]
 
     def input(self, t: int, j: int) -> Tensor:
@@ -391,11 +395,11 @@ class StageRunner:
         latest = self.store.get(k)
         if all(a is b or a.data_ptr() == b.data_ptr() for a, b in zip(weights, latest)):
             return 0.0
+        # per-tensor norms in the weights' own dtype, summed in Python floats: a
+        # report figure, so float64 copies of every weight are not worth their cost
         with torch.no_grad():
-            num = sum(
-                float((a.double() - b.double()).pow(2).sum()) for a, b in zip(weights, latest)
-            )
-            den = sum(float(b.double().pow(2).sum()) for b in latest)
+            num = sum(float(torch.linalg.vector_norm(a - b)) ** 2 for a, b in zip(weights, latest))
+            den = sum(float(torch.linalg.vector_norm(b)) ** 2 for b in latest)
         return math.sqrt(num) / math.sqrt(den) if den > 0 else 0.0
 
     def _recompute_grads(
