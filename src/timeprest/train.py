@@ -40,6 +40,7 @@ from timeprest.schedule.costs import COST_MODES
 
 if TYPE_CHECKING:
     from timeprest.pipeline import Pipeline
+    from timeprest.report import Report
 
 OPTIMIZERS = ("sgd", "adam", "adamw")
 LR_SCHEDULES = ("constant", "cosine")
@@ -478,6 +479,53 @@ def trim_logs(epochs_log: Path, mb_log: Path, history: list[dict[str, Any]], don
         mb_log.write_text("".join(ln + "\n" for ln in kept))
 
 
+def epoch_row(
+    epoch: int,
+    losses: list[float],
+    test: tuple[float, float],
+    train_time: float,
+    wall: float,
+    rows: int,
+    lr_end: float,
+    report: Report,
+) -> dict[str, Any]:
+    """One line of epochs.jsonl: losses, accuracy, time and the report's per-stage figures."""
+    stages = range(len(report.stages))
+    return {
+        "epoch": epoch,
+        "train_loss": sum(losses) / len(losses),
+        "test_loss": test[0],
+        "test_accuracy": test[1],
+        "epoch_time": train_time,
+        "wall_time": wall,
+        "samples_per_s": rows / train_time,
+        "lr_factor_end": lr_end,
+        "mean_staleness": [report.mean_staleness(s) for s in stages],
+        "mean_relative_distance": [report.mean_relative_distance(s) for s in stages],
+        "peak_versions": [r.peak_versions for r in report.stages],
+        "peak_weight_bytes": [r.peak_weight_bytes for r in report.stages],
+        "weight_bytes": [r.weight_bytes for r in report.stages],
+        "peak_activation_bytes": [r.peak_activation_bytes for r in report.stages],
+        "optimizer_state_bytes": [r.optimizer_state_bytes for r in report.stages],
+    }
+
+
+def append_minibatch_log(path: Path, report: Report, epoch: int) -> None:
+    """Append the report's mini-batch records (loss, versions, staleness) to minibatches.jsonl."""
+    with path.open("a") as f:
+        for m in report.minibatches:
+            record = {
+                "minibatch": m.minibatch,
+                "epoch": epoch,
+                "loss": m.loss,
+                "forward_versions": [s.forward_versions for s in m.stages],
+                "backward_version": [s.backward_version for s in m.stages],
+                "staleness": [s.staleness for s in m.stages],
+                "relative_distance": [s.relative_distance for s in m.stages],
+            }
+            f.write(json.dumps(record) + "\n")
+
+
 @dataclass
 class RunResult:
     run_dir: Path
@@ -583,40 +631,18 @@ def run_training(
         )
         rep = pipe.report
         wall = time.perf_counter() - t_start
-        row: dict[str, Any] = {
-            "epoch": epoch + 1,
-            "train_loss": sum(losses) / len(losses),
-            "test_loss": test_loss,
-            "test_accuracy": test_acc,
-            "epoch_time": train_time,
-            "wall_time": wall,
-            "samples_per_s": len(train_set) / train_time,
-            "lr_factor_end": lr_factor(cfg, steps_per_epoch)(pipe.minibatches_done - 1),
-            "mean_staleness": [rep.mean_staleness(s) for s in range(cfg.stages)],
-            "mean_relative_distance": [rep.mean_relative_distance(s) for s in range(cfg.stages)],
-            "peak_versions": [r.peak_versions for r in rep.stages],
-            "peak_weight_bytes": [r.peak_weight_bytes for r in rep.stages],
-            "weight_bytes": [r.weight_bytes for r in rep.stages],
-            "peak_activation_bytes": [r.peak_activation_bytes for r in rep.stages],
-            "optimizer_state_bytes": [r.optimizer_state_bytes for r in rep.stages],
-        }
+        row = epoch_row(
+            epoch + 1,
+            losses,
+            (test_loss, test_acc),
+            train_time,
+            wall,
+            len(train_set),
+            lr_factor(cfg, steps_per_epoch)(pipe.minibatches_done - 1),
+            rep,
+        )
         history.append(row)
-        with mb_log.open("a") as f:
-            for m in rep.minibatches:
-                f.write(
-                    json.dumps(
-                        {
-                            "minibatch": m.minibatch,
-                            "epoch": epoch + 1,
-                            "loss": m.loss,
-                            "forward_versions": [s.forward_versions for s in m.stages],
-                            "backward_version": [s.backward_version for s in m.stages],
-                            "staleness": [s.staleness for s in m.stages],
-                            "relative_distance": [s.relative_distance for s in m.stages],
-                        }
-                    )
-                    + "\n"
-                )
+        append_minibatch_log(mb_log, rep, epoch + 1)
         # the per-mini-batch records are on disk now; keep memory flat on long runs
         # (the epoch means above were taken first)
         rep.minibatches.clear()

@@ -159,7 +159,9 @@ def _train_rank(
     from timeprest.train import (
         Progress,
         RunResult,
+        append_minibatch_log,
         build_pipeline,
+        epoch_row,
         evaluate,
         lr_factor,
         prepare_run_dir,
@@ -316,38 +318,20 @@ def _train_rank(
             test = evaluate(stages, test_set.x, test_set.y, cfg.eval_batch_size, str(device))
         test_loss, test_acc = _broadcast(job, test)
         rep = pipe.report
-        row: dict[str, Any] = {
-            "epoch": epoch + 1,
-            "train_loss": sum(losses) / len(losses),
-            "test_loss": test_loss,
-            "test_accuracy": test_acc,
-            "epoch_time": train_time,
-            "wall_time": time.perf_counter() - t_start,
-            "samples_per_s": train_rows / train_time,
-            "lr_factor_end": lr_factor(cfg, steps_per_epoch)(pipe.minibatches_done - 1),
-            "mean_staleness": [rep.mean_staleness(s) for s in range(w)],
-            "mean_relative_distance": [rep.mean_relative_distance(s) for s in range(w)],
-            "peak_versions": [r.peak_versions for r in rep.stages],
-            "peak_weight_bytes": [r.peak_weight_bytes for r in rep.stages],
-            "weight_bytes": [r.weight_bytes for r in rep.stages],
-            "peak_activation_bytes": [r.peak_activation_bytes for r in rep.stages],
-            "optimizer_state_bytes": [r.optimizer_state_bytes for r in rep.stages],
-        }
+        row = epoch_row(
+            epoch + 1,
+            losses,
+            (test_loss, test_acc),
+            train_time,
+            time.perf_counter() - t_start,
+            train_rows,
+            lr_factor(cfg, steps_per_epoch)(pipe.minibatches_done - 1),
+            rep,
+        )
         row = _broadcast(job, row)  # rank 0's clock for every rank's history
         history.append(row)
         if first:
-            with mb_log.open("a") as out:
-                for mb in rep.minibatches:
-                    record = {
-                        "minibatch": mb.minibatch,
-                        "epoch": epoch + 1,
-                        "loss": mb.loss,
-                        "forward_versions": [st.forward_versions for st in mb.stages],
-                        "backward_version": [st.backward_version for st in mb.stages],
-                        "staleness": [st.staleness for st in mb.stages],
-                        "relative_distance": [st.relative_distance for st in mb.stages],
-                    }
-                    out.write(json.dumps(record) + "\n")
+            append_minibatch_log(mb_log, rep, epoch + 1)
             with epochs_log.open("a") as out:
                 out.write(json.dumps(row) + "\n")
         rep.minibatches.clear()
