@@ -13,8 +13,8 @@ from collections.abc import Sequence
 from torch import Tensor
 
 from timeprest.errors import ScheduleError
-from timeprest.schedule.actions import Action
 from timeprest.schedule.builders import Schedule
+from timeprest.schedule.deps import walk_programs
 from timeprest.stage import Batches, StageRunner
 
 
@@ -40,23 +40,13 @@ class MailboxTransport:
 def run_emulated(schedule: Schedule, runners: Sequence[StageRunner], batches: Batches) -> None:
     """Run every stage's program to the end in one process."""
     transport = MailboxTransport()
-    w = schedule.num_stages
-    pos = [0] * w
-    done: set[tuple[int, Action]] = set()
     programs = schedule.programs
-    progress = True
-    while progress:
-        progress = False
-        for s in range(w):
-            prog = programs[s]
-            while pos[s] < len(prog):
-                a = prog[pos[s]]
-                if any(d not in done for d in schedule.deps(s, a)):
-                    break
-                runners[s].run(pos[s], a, transport, batches)
-                done.add((s, a))
-                pos[s] += 1
-                progress = True
-    if any(pos[s] < len(programs[s]) for s in range(w)):
+    pos = walk_programs(
+        programs,
+        schedule.num_microbatches,
+        schedule.backward_unit,
+        lambda s, i, a, _deps: runners[s].run(i, a, transport, batches),
+    )
+    if any(p < len(prog) for p, prog in zip(pos, programs)):
         raise ScheduleError("internal: the emulator deadlocked on a validated schedule")
     assert not transport.box, "messages left undelivered"

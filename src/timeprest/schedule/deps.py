@@ -8,6 +8,7 @@ this function; none of them encodes the dependencies on its own.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from typing import Literal
 
 from timeprest.schedule.actions import Action
@@ -63,3 +64,37 @@ def expected_actions(
             out.extend(Action("B", t, j) for j in range(num_microbatches))
         out.append(Action("U", t))
     return out
+
+
+def walk_programs(
+    programs: Sequence[Sequence[Action]],
+    num_microbatches: int,
+    backward_unit: BackwardUnit,
+    step: Callable[[int, int, Action, list[Dep]], None],
+) -> list[int]:
+    """Run each stage's program in order, each as far as its dependencies allow, until stuck.
+
+    ``step(stage, index, action, deps)`` is called for every action once all
+    its dependencies have been stepped. Returns how far each program got (a
+    position short of its length means a deadlock). Results of a valid
+    schedule depend only on each stage's program order, never on this
+    interleaving, so every engine may walk this way.
+    """
+    w = len(programs)
+    pos = [0] * w
+    done: set[Dep] = set()
+    progress = True
+    while progress:
+        progress = False
+        for s in range(w):
+            prog = programs[s]
+            while pos[s] < len(prog):
+                a = prog[pos[s]]
+                ds = deps(s, a, w, num_microbatches, backward_unit)
+                if any(d not in done for d in ds):
+                    break
+                step(s, pos[s], a, ds)
+                done.add((s, a))
+                pos[s] += 1
+                progress = True
+    return pos

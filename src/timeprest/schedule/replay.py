@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from timeprest.errors import ScheduleError
 from timeprest.schedule.actions import Action
 from timeprest.schedule.costs import Costs
-from timeprest.schedule.deps import BackwardUnit, deps
+from timeprest.schedule.deps import BackwardUnit, deps, walk_programs
 
 
 @dataclass(frozen=True)
@@ -86,28 +86,19 @@ def replay_partial(
     """Like :func:`replay`, but returns what could run and a description of where it stuck."""
     w = len(programs)
     end: dict[tuple[int, Action], float] = {}
-    pos = [0] * w
     free = [0.0] * w
     rows: list[list[Slot]] = [[] for _ in range(w)]
-    progress = True
-    while progress:
-        progress = False
-        for s in range(w):
-            prog = programs[s]
-            while pos[s] < len(prog):
-                a = prog[pos[s]]
-                ds = deps(s, a, w, num_microbatches, backward_unit)
-                if any(d not in end for d in ds):
-                    break
-                start = free[s]
-                for d in ds:
-                    start = max(start, end[d] + costs.comm_delay(d[0], s))
-                stop = start + costs.duration(s, a, num_microbatches)
-                end[(s, a)] = stop
-                free[s] = stop
-                rows[s].append(Slot(s, a, start, stop))
-                pos[s] += 1
-                progress = True
+
+    def place(s: int, _index: int, a: Action, ds: list[tuple[int, Action]]) -> None:
+        start = free[s]
+        for d in ds:
+            start = max(start, end[d] + costs.comm_delay(d[0], s))
+        stop = start + costs.duration(s, a, num_microbatches)
+        end[(s, a)] = stop
+        free[s] = stop
+        rows[s].append(Slot(s, a, start, stop))
+
+    pos = walk_programs(programs, num_microbatches, backward_unit, place)
     stuck = [(s, programs[s][pos[s]]) for s in range(w) if pos[s] < len(programs[s])]
     if stuck:
         waits = "; ".join(
