@@ -198,7 +198,18 @@ def test_compare_without_matplotlib_still_writes_the_table(out_copy, monkeypatch
 
 def test_compare_records_a_diverged_method(tmp_path):
     out = tmp_path / "out"
-    argv = ["compare", "--methods", "v-timeprest,gpipe", *BASE, "--optimizer", "sgd", "--lr", "1e4", "--epochs", "1"]
+    argv = [
+        "compare",
+        "--methods",
+        "v-timeprest,gpipe",
+        *BASE,
+        "--optimizer",
+        "sgd",
+        "--lr",
+        "1e4",
+        "--epochs",
+        "1",
+    ]
     rc, stdout, err = cli(*argv, "--out", str(out))
     assert rc == 0, err  # divergence is a result, not an error of the command
     assert "v-timeprest diverged: loss is" in stdout and "[2/2] gpipe: training" in stdout

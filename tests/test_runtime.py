@@ -13,6 +13,7 @@ import datetime
 import os
 import signal
 import time
+import weakref
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +24,7 @@ import torch.multiprocessing as mp
 from torch import nn
 
 import timeprest
+from timeprest.engine import runtime as runtime_module
 from timeprest.engine.runtime import (
     RuntimeOptions,
     StageFailure,
@@ -142,8 +144,19 @@ def _equivalence_worker(rank: int, world: int, tmp: str) -> None:
             }
     if world == 2:
         out["errors"] = _agreement_checks(rank, world, opts)
-    torch.save(out, f"{tmp}/rank{rank}.pt")
+    # the end of the job: the caller destroys its groups, then shutdown() drops the
+    # runtime's own group, so no gloo worker outlives the interpreter (SIGABRT at exit)
+    assert runtime_module._control is not None
+    control = weakref.ref(runtime_module._control[1])
     dist.destroy_process_group()
+    runtime_module.shutdown()
+    out["control group freed"] = control() is None
+    try:
+        pipe.train(make_batches(torch.float64))
+        out["after shutdown"] = "no error"
+    except StageFailure as exc:
+        out["after shutdown"] = str(exc)
+    torch.save(out, f"{tmp}/rank{rank}.pt")
 
 
 def _agreement_checks(rank: int, world: int, opts: RuntimeOptions) -> dict[str, str]:
@@ -225,6 +238,9 @@ def test_runtime_matches_emulator_bitwise(world: int, tmp_path: Path) -> None:
             assert errors["data"].startswith("DataError")
             assert "different batches" in errors["data"]
             assert errors["after"] == "no error"
+    for r in range(world):
+        assert got[r]["control group freed"], r
+        assert "job was shut down" in got[r]["after shutdown"], r
 
 
 # -- failures ---------------------------------------------------------------------------

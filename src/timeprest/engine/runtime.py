@@ -44,12 +44,15 @@ longer than ``RuntimeOptions.timeout``.
 
 from __future__ import annotations
 
+import atexit
 import datetime
+import gc
 import hashlib
 import json
 import os
 import sys
 import time
+import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal, NoReturn, TypeVar
@@ -153,6 +156,8 @@ def init_distributed(options: RuntimeOptions | None = None) -> DistInfo:
         if chosen == "nccl":
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         dist.init_process_group(chosen, timeout=datetime.timedelta(seconds=opts.timeout))
+        global _owned_world
+        _owned_world = weakref.ref(dist.group.WORLD)
     backend = str(dist.get_backend())
     local_rank = int(os.environ.get("LOCAL_RANK", str(dist.get_rank())))
     if backend == "nccl":
@@ -168,17 +173,52 @@ def init_distributed(options: RuntimeOptions | None = None) -> DistInfo:
 # One gloo group for control messages (checks, losses, reports), created once per
 # default group: collectives on it never interleave with the stage-to-stage traffic,
 # and it works whatever the data backend is.
-_control: tuple[Any, Any] | None = None
+# The default group is held by weak reference only: the runtime never keeps a
+# process group alive past the job's own ``destroy_process_group``.
+_control: tuple[weakref.ref[Any], Any] | None = None
 _instances = 0  # runtimes created in this process; equal across ranks in a correct program
+_runtimes: weakref.WeakSet[DistributedRuntime] = weakref.WeakSet()
+_owned_world: weakref.ref[Any] | None = None  # the default group init_distributed created
+_SHUT_DOWN = "shut down"
 
 
 def _control_group(timeout: float) -> Any:
     global _control
     world = dist.group.WORLD
-    if _control is None or _control[0] is not world:
+    if _control is None or _control[0]() is not world:
         group = dist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=timeout))
-        _control = (world, group)
+        _control = (weakref.ref(world), group)
     return _control[1]
+
+
+def shutdown() -> None:
+    """End this process's part of the distributed job cleanly; safe to call twice.
+
+    Drops the runtime's references to its process groups, so that each group is
+    destroyed (and its worker threads joined) while the interpreter is still fully
+    alive, and destroys the default group if :func:`init_distributed` created it.
+    Pipelines of this process cannot communicate afterwards. It runs by itself at
+    interpreter exit: a gloo worker thread still releasing the tensors of the last
+    collective when the interpreter finalises aborts the process (SIGABRT).
+    """
+    global _control, _owned_world
+    for rt in list(_runtimes):
+        if rt.broken is None:
+            rt.broken = _SHUT_DOWN
+        rt.group = None
+    _control = None
+    owned = _owned_world() if _owned_world is not None else None
+    _owned_world = None
+    try:
+        if owned is not None and dist.is_initialized() and dist.group.WORLD is owned:
+            dist.destroy_process_group()
+    except Exception:  # already torn down by a failure
+        pass
+    del owned
+    gc.collect()
+
+
+atexit.register(shutdown)
 
 
 def _first_line(exc: BaseException) -> str:
@@ -589,7 +629,8 @@ class DistributedRuntime:
         self.info = init_distributed(self.options)
         self.rank = self.info.rank
         self.world_size = self.info.world_size
-        self.group = _control_group(self.options.timeout)
+        self.group: Any = _control_group(self.options.timeout)
+        _runtimes.add(self)
         _instances += 1
         self.instance = _instances
         store = dist.distributed_c10d._get_default_store()
@@ -687,6 +728,11 @@ class DistributedRuntime:
 
     # -- failure -------------------------------------------------------------------------
     def _check_usable(self) -> None:
+        if self.broken == _SHUT_DOWN:
+            raise StageFailure(
+                "this distributed pipeline's job was shut down "
+                "(timeprest.engine.runtime.shutdown); start a new job"
+            )
         if self.broken is not None:
             raise StageFailure(
                 f"this distributed pipeline stopped after a failure ({self.broken}); "
