@@ -216,6 +216,9 @@ def shutdown() -> None:
         pass
     del owned
     gc.collect()
+    # a group the caller keeps (not destroyed) still has its workers: let one that
+    # waits for the GIL to release a finished collective's tensors have it now
+    time.sleep(0.01)
 
 
 atexit.register(shutdown)
