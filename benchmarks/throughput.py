@@ -16,15 +16,21 @@ In one run, interleaved over several rounds (medians reported):
   round because the machine's load may drift;
 - the simulator's prediction for each of our methods: in every round both
   processes profile the two stages at once with
-  ``timeprest.sim.profile.profile_stages`` (one thread each, as in the runs;
-  stage s's costs are taken from rank s), the medians over rounds form the
-  cost model, and ``timeprest.sim.simulate(method, W, N, T, cost_model,
-  order_costs="default")`` (the order ``Pipeline`` uses) predicts the time
-  per mini-batch. It is compared with the measured time per mini-batch:
-  "wall" is the timed run's wall time over its mini-batches (fill and drain
-  of the one ``train()`` call included; warm-up excluded), "steady" the mean
-  interval between successive losses at the last stage over the middle half
-  of the mini-batches (no fill or drain, like the simulator's figure).
+  ``timeprest.sim.profile.profile_stages(method=...)`` right before each
+  method's run, which times each
+  method's own engine path (the emulator's stage code: weight versions,
+  hooks, update; one thread each, as in the runs; stage s's costs are taken
+  from rank s); the link (per-message overhead, latency, bandwidth) is
+  measured once by a ping-pong of the two processes
+  (``timeprest.sim.link.link_between``); and
+  ``timeprest.sim.simulate(method, W, N, T, cost_model,
+  order_costs="default")`` (the order ``Pipeline`` uses) predicts that
+  round's time per mini-batch. It is compared with the measured time per
+  mini-batch: "wall" is the timed run's wall time over its mini-batches
+  (fill and drain of the one ``train()`` call included; warm-up excluded),
+  "steady" the mean interval between successive losses at the last stage
+  over the middle half of the mini-batches (no fill or drain, like the
+  simulator's figure); ratios are medians over rounds of per-round ratios.
 
 Run::
 
@@ -51,6 +57,7 @@ import socket
 import statistics
 import sys
 import time
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -61,7 +68,8 @@ from torch import Tensor, nn
 import timeprest
 from timeprest.engine.runtime import RuntimeOptions
 from timeprest.sim import simulate
-from timeprest.sim.costmodel import CostModel, StageCost
+from timeprest.sim.costmodel import CostModel
+from timeprest.sim.link import link_between
 from timeprest.sim.profile import profile_stages
 
 W = 2
@@ -134,8 +142,11 @@ def isolated_stage_time(module: nn.Module, rank: int, rows: int, width: int) -> 
     return statistics.median(fwd), statistics.median(bwd)
 
 
-def profiled_costs(stages: list[nn.Module], batch: tuple[Tensor, Tensor], n: int) -> CostModel:
-    """Both stages profiled by the simulator's own profiler (in this process, one thread)."""
+def profiled_costs(
+    stages: list[nn.Module], batch: tuple[Tensor, Tensor], n: int, method: str
+) -> CostModel:
+    """Both stages profiled by the simulator's own profiler (in this process, one thread),
+    through the engine path of ``method``."""
     x, y = batch
     return profile_stages(
         stages,
@@ -144,8 +155,9 @@ def profiled_costs(stages: list[nn.Module], batch: tuple[Tensor, Tensor], n: int
         sample_target=y,
         loss_fn=nn.functional.mse_loss,
         optimizer=sgd,
-        warmup=3,
-        repeats=15,
+        warmup=2,
+        repeats=6,
+        method=method,
     )
 
 
@@ -237,10 +249,14 @@ def worker(rank: int, args: argparse.Namespace, port: int) -> None:
     # warm-up: shapes, allocator, first-call costs
     for name in methods:
         runners[name].run(data[name][:2])
+    # the link of these two processes, for the simulator (gloo on loopback)
+    link = link_between(1 - rank, m * width * 4, first=rank == 0)
     rates: dict[str, list[float]] = {name: [] for name in methods}
     cpu: dict[str, list[list[float]]] = {name: [] for name in methods}
     stage_times: list[list[tuple[float, float]]] = []
-    profiles: list[list[Any]] = []  # per round, per rank: (F, B, U) of every stage
+    # per method, per round, per rank: (F, B, U) of every stage
+    profiles: dict[str, list[list[Any]]] = {name: [] for name in methods if name in OURS}
+    template: CostModel | None = None
     steady: dict[str, list[float]] = {name: [] for name in methods if name in OURS}
     for _ in range(args.rounds):
         # the bound is measured in every round too: the machine's load may drift
@@ -249,14 +265,19 @@ def worker(rank: int, args: argparse.Namespace, port: int) -> None:
         both: list[Any] = [None] * W
         dist.all_gather_object(both, mine)
         stage_times.append(both)
-        barrier_time()  # the simulator's profile, both processes at once like the runs
-        cm = profiled_costs(stages, big[0], n)
-        prof: list[Any] = [None] * W
-        dist.all_gather_object(
-            prof, [(c.forward_time, c.backward_time, c.update_time) for c in cm.stages]
-        )
-        profiles.append(prof)
         for name in methods:  # interleaved, so drifting load hits every method alike
+            if name in profiles:  # the simulator's profile right before the run it predicts
+                barrier_time()  # both processes at once, like the runs
+                nn_ = 1 if name == "pipedream" else n
+                cm = profiled_costs(stages, data[name][0], nn_, name)
+                template = template or replace(
+                    cm, latency=link.latency, bandwidth=link.bandwidth, overhead=link.overhead
+                )
+                prof: list[Any] = [None] * W
+                dist.all_gather_object(
+                    prof, [(c.forward_time, c.backward_time, c.update_time) for c in cm.stages]
+                )
+                profiles[name].append(prof)
             t0 = barrier_time()
             c0 = cpu_seconds()
             runners[name].run(data[name])
@@ -272,7 +293,8 @@ def worker(rank: int, args: argparse.Namespace, port: int) -> None:
                 steady[name].append(steady_interval(st[W - 1]))
     if rank == 0:
         report(args, stage_times, rates, cpu, load)
-        predict(args, methods, profiles, cm, rates, steady)
+        assert template is not None
+        predict(args, profiles, template, rates, steady)
     dist.destroy_process_group()
 
 
@@ -337,63 +359,73 @@ def report(
 
 def predict(
     args: argparse.Namespace,
-    methods: list[str],
-    profiles: list[list[Any]],
+    profiles: dict[str, list[list[Any]]],
     template: CostModel,
     rates: dict[str, list[float]],
     steady: dict[str, list[float]],
 ) -> None:
-    """The simulator's time per mini-batch next to the measured one, for each of our methods."""
+    """The simulator's time per mini-batch next to the measured one, for each of our methods.
+
+    Each round's prediction uses that round's profile, so that load drifting
+    between rounds hits both sides of a ratio alike; the ratios reported are
+    medians over rounds of the per-round ratios.
+    """
     n, m, t = args.microbatches, args.micro_batch, args.minibatches
-    costs = []
-    for s in range(W):  # stage s as profiled by rank s, median over rounds
-        f, b, u = (statistics.median(p[s][s][i] for p in profiles) for i in range(3))
-        costs.append(
-            StageCost(
-                **{
-                    **vars(template.stages[s]),
-                    "forward_time": f,
-                    "backward_time": b,
-                    "update_time": u,
-                }
-            )
-        )
     print()
     print("== simulator vs runtime: time per mini-batch ==")
-    for s, c in enumerate(costs):
-        print(
-            f"stage {s} profiled (profile_stages, both processes at once, medians over rounds): "
-            f"F {c.forward_time * 1e3:.2f} ms, B {c.backward_time * 1e3:.2f} ms per "
-            f"micro-batch, U {c.update_time * 1e3:.2f} ms per mini-batch"
-        )
     print(
-        'simulate(method, W, N, T, cost_model, order_costs="default"); measured: '
+        "costs: profile_stages(method=...) times each method's own engine path (emulator, "
+        "both processes at once, one thread each) in every round; stage s from rank s"
+    )
+    bw = "infinite" if template.bandwidth is None else f"{template.bandwidth / 1e9:.2f} GB/s"
+    print(
+        f"link (timeprest.sim.link.link_between, ping-pong of these two processes): overhead "
+        f"{template.overhead * 1e3:.3f} ms per message sent or received, latency "
+        f"{template.latency * 1e3:.3f} ms, bandwidth {bw} (a "
+        f"{template.stages[0].output_bytes:,}-byte activation flies "
+        f"{template.comm_time(0) * 1e3:.3f} ms)"
+    )
+    print(
+        'simulate(method, W, N, T, cost_model, order_costs="default") per round; measured: '
         "wall = timed run / its mini-batches, steady = mean interval between losses at "
-        "the last stage over the middle half (medians over rounds)"
+        "the last stage over the middle half; times are medians over rounds, ratios medians "
+        "of per-round ratios"
     )
     print(
-        f"{'method':<14}{'N':>3}{'T':>5}{'predicted ms':>14}{'wall ms':>9}{'pred/wall':>11}"
-        f"{'steady ms':>11}{'pred/steady':>13}"
+        f"{'method':<14}{'N':>3}{'T':>5}{'F,B,U s0 ms':>17}{'F,B,U s1 ms':>17}"
+        f"{'predicted ms':>14}{'wall ms':>9}{'pred/wall':>11}{'steady ms':>11}{'pred/steady':>13}"
+        "  pred/steady per round"
     )
-    for name in methods:
-        if name not in OURS:
-            continue
+    for name, rounds in profiles.items():
         nn_ = 1 if name == "pipedream" else n
         count = t * n // nn_  # mini-batches in a timed run
-        cm = CostModel(
-            stages=tuple(costs),
-            input_bytes=template.input_bytes,
-            bandwidth=template.bandwidth,
-            latency=template.latency,
-            meta=template.meta,
-        )
-        pred = simulate(name, W, nn_, count, cm, order_costs="default").time_per_minibatch
+        preds: list[float] = []
+        for prof in rounds:
+            costs = tuple(
+                replace(
+                    template.stages[s],
+                    forward_time=prof[s][s][0],  # stage s as profiled by rank s
+                    backward_time=prof[s][s][1],
+                    update_time=prof[s][s][2],
+                )
+                for s in range(W)
+            )
+            cm = replace(template, stages=costs)
+            sim = simulate(name, W, nn_, count, cm, order_costs="default")
+            preds.append(sim.time_per_minibatch)
         # samples/s -> seconds per mini-batch of nn_ micro-batches
-        wall = statistics.median(nn_ * m / r for r in rates[name])
-        st = statistics.median(steady[name])
+        walls = [nn_ * m / r for r in rates[name]]
+        per_round = [p / st for p, st in zip(preds, steady[name])]
+        fbu = [
+            ",".join(f"{statistics.median(p[s][s][i] for p in rounds) * 1e3:.1f}" for i in range(3))
+            for s in range(W)
+        ]
         print(
-            f"{name:<14}{nn_:>3}{count:>5}{pred * 1e3:>14.2f}{wall * 1e3:>9.2f}"
-            f"{pred / wall:>11.2f}{st * 1e3:>11.2f}{pred / st:>13.2f}"
+            f"{name:<14}{nn_:>3}{count:>5}{fbu[0]:>17}{fbu[1]:>17}"
+            f"{statistics.median(preds) * 1e3:>14.2f}{statistics.median(walls) * 1e3:>9.2f}"
+            f"{statistics.median(p / w for p, w in zip(preds, walls)):>11.2f}"
+            f"{statistics.median(steady[name]) * 1e3:>11.2f}{statistics.median(per_round):>13.2f}"
+            "  " + " ".join(f"{r:.2f}" for r in per_round)
         )
     sys.stdout.flush()
 

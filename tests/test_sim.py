@@ -458,6 +458,52 @@ def test_profile_stages_sizes_and_leaves_the_model_alone():
     assert all(p.grad is None for m in stages for p in m.parameters())
 
 
+def test_profile_times_the_engine_path_or_the_layers_alone():
+    from timeprest.sim.profile import profile_stages
+
+    x, y = torch.randn(16, 8), torch.randn(16, 4)
+    kw: dict = dict(sample_target=y, loss_fn=F.mse_loss, warmup=1, repeats=2)
+    engine = profile_stages(tiny_stages(3), x, 4, method="gpipe", **kw)
+    plain = profile_stages(tiny_stages(3), x, 4, method=None, **kw)
+    assert engine.meta["timed"] == "engine, method gpipe"
+    assert plain.meta["timed"] == "layers alone"
+    for e, p in zip(engine.stages, plain.stages):
+        assert e.forward_time > 0 and e.backward_time > 0 and e.update_time > 0
+        assert p.forward_time > 0 and p.backward_time > 0 and p.update_time > 0
+        # the sizes do not depend on how the times were taken
+        assert (e.weight_bytes, e.output_bytes, e.saved_activation_bytes) == (
+            p.weight_bytes,
+            p.output_bytes,
+            p.saved_activation_bytes,
+        )
+        assert e.optimizer_state_bytes == p.optimizer_state_bytes
+    with pytest.raises(ConfigError, match="unknown method"):
+        profile_stages(tiny_stages(2), x, 2, method="nope", **kw)
+
+
+@pytest.mark.parametrize("method", ["gpipe", "v-timeprest", "pipedream-2bw"])
+def test_stage_runner_times_every_action_once(method: str):
+    n, t = 4, 3
+    pipe = Pipeline(
+        tiny_stages(3),
+        method=method,
+        num_microbatches=n,
+        optimizer=lambda p: torch.optim.SGD(p, lr=0.01),
+        loss_fn=F.mse_loss,
+    )
+    for r in pipe.runners:
+        r.action_times = []
+    pipe.train([(torch.randn(16, 8), torch.randn(16, 4))] * t)
+    for r in pipe.runners:
+        assert r.action_times is not None
+        kinds = [k for k, _, _, _ in r.action_times]
+        assert kinds.count("F") == n * t and kinds.count("U") == t
+        # a B action over the whole mini-batch counts its N micro-batches
+        assert sum(c for k, _, c, _ in r.action_times if k == "B") == n * t
+        assert sorted({mb for _, mb, _, _ in r.action_times}) == list(range(t))
+        assert all(sec > 0 for _, _, _, sec in r.action_times)
+
+
 def test_profile_stages_rejects_bad_input():
     from timeprest.sim.profile import profile_stages
 
@@ -523,3 +569,43 @@ def test_predicted_activation_peak_within_ten_percent(method, w):
         assert r.stages[s].peak_activation_bytes == pytest.approx(
             measured[s].peak_activation_bytes, rel=0.10
         ), s
+
+
+def test_fit_link_separates_latency_and_bandwidth():
+    from timeprest.sim.link import fit_link
+
+    # one_way = 1e-4 + size / 1e9
+    lat, bw = fit_link((4, 1e-4 + 4 / 1e9), (10**6, 1e-4 + 10**6 / 1e9))
+    assert lat == pytest.approx(1e-4) and bw == pytest.approx(1e9)
+    # a large message no slower than the small one: infinite bandwidth
+    assert fit_link((4, 2e-4), (10**6, 1e-4)) == (1e-4, None)
+    with pytest.raises(ConfigError, match="must be larger"):
+        fit_link((10, 1.0), (10, 2.0))
+
+
+def test_measure_link_on_loopback():
+    from timeprest.sim.link import measure_link
+
+    link = measure_link(1 << 20, repeats=5)
+    assert 0 <= link.latency < 0.5
+    assert link.bandwidth is None or link.bandwidth > 1e6  # over a megabyte a second
+    assert 0 < link.overhead < 0.5  # moving a mebibyte costs some CPU time
+    with pytest.raises(ConfigError, match="more than 4 bytes"):
+        measure_link(4)
+
+
+def test_message_overhead_adds_to_the_stages_that_send_or_receive():
+    from dataclasses import replace
+
+    cm = replace(CostModel.uniform(3, 1.0, 2.0, 0.25), overhead=0.5)
+    costs = cm.to_costs()
+    # stage 0 and 2 have one neighbour, stage 1 two; one message each per micro-batch
+    assert costs.forward == (1.5, 2.0, 1.5) and costs.backward == (2.5, 3.0, 2.5)
+    assert costs.comm == (0.25, 0.25)
+    assert CostModel.from_json(cm.to_json()) == cm
+    with pytest.raises(ConfigError, match="message overhead"):
+        replace(cm, overhead=-1.0)
+    # a pipeline's time per mini-batch grows with it: 1f1b at unit costs, W=3, N=3
+    base = simulate("1f1b", 3, 3, 6, CostModel.uniform(3, 1.0, 2.0)).time_per_minibatch
+    slower = simulate("1f1b", 3, 3, 6, replace(CostModel.uniform(3, 1.0, 2.0), overhead=0.5))
+    assert slower.time_per_minibatch > base

@@ -121,6 +121,7 @@ def test_profile_writes_a_cost_file_simulate_reads(capsys, tmp_path):
     cm = CostModel.load(out_file)
     assert cm.num_stages == 2 and cm.bandwidth == 1e9
     assert cm.meta["model"] == "mlp" and cm.meta["microbatch_rows"] == 8
+    assert cm.meta["timed"] == "engine, method i-timeprest" and "engine, method" in out
     assert all(c.weight_bytes > 0 and c.forward_time > 0 for c in cm.stages)
     assert cm.stages[0].output_bytes > 0 and cm.stages[1].output_bytes == 0
     code, out, err = run(
@@ -139,3 +140,10 @@ def test_profile_bad_inputs(capsys, tmp_path):
         "--batch-size",
     )
     _one_line_error(*run(capsys, *base, "--stages", "2", "--latency", "-1", *out), "--latency")
+    _one_line_error(
+        *run(capsys, *base, "--stages", "2", "--method", "pipedreem", *out), "unknown method"
+    )
+    _one_line_error(
+        *run(capsys, *base, "--stages", "2", "--measure-link", "--latency", "1", *out),
+        "not both",
+    )

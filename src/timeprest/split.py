@@ -39,6 +39,7 @@ import torch.fx
 from torch import Tensor, nn
 
 from timeprest.errors import ConfigError
+from timeprest.stage import sync_device
 
 Balance = Literal["time", "params"] | Sequence[int]
 
@@ -335,18 +336,18 @@ def profile_layers(
                 inp = x.detach()
                 if i > 0 and inp.is_floating_point():
                     inp.requires_grad_(True)
-                _sync(dev)
+                sync_device(dev)
                 t0 = time.perf_counter()
                 out = probe(inp)
                 if not isinstance(out, Tensor):
                     raise ConfigError(
                         f"layer {name!r} returns {type(out).__name__}; pipeline layers must return one tensor"
                     )
-                _sync(dev)
+                sync_device(dev)
                 t1 = time.perf_counter()
                 if out.requires_grad:
                     torch.autograd.backward(out, torch.ones_like(out))
-                _sync(dev)
+                sync_device(dev)
                 forward.append(t1 - t0)
                 backward.append(time.perf_counter() - t1)
             timings.append(
@@ -357,14 +358,6 @@ def profile_layers(
             x = out.detach()
             del probe
     return timings
-
-
-def _sync(dev: torch.device) -> None:
-    """Wait for queued device work, so wall-clock times cover it."""
-    if dev.type == "cuda":
-        torch.cuda.synchronize(dev)
-    elif dev.type == "mps":
-        torch.mps.synchronize()
 
 
 def _hook_layers(model: nn.Module, layers: Any) -> list[tuple[str, nn.Module]]:

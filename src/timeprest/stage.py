@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -101,6 +102,14 @@ class _Saved:
     fraction: float = 1.0
 
 
+def sync_device(dev: torch.device) -> None:
+    """Wait for the device's queued work, so that wall-clock times cover it."""
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+    elif dev.type == "mps":
+        torch.mps.synchronize()
+
+
 class StageRunner:
     """Runs the actions of stage ``index`` on its module."""
 
@@ -153,6 +162,9 @@ class StageRunner:
         self.losses: dict[int, float] = {}
         self.steps: dict[int, StageStep] = {}
         self.on_loss: Callable[[int, float], None] | None = None
+        # (kind, mini-batch, micro-batches, seconds) of every action run while a
+        # list is set here (the profiler's timing; device work is waited for)
+        self.action_times: list[tuple[str, int, int, float]] | None = None
 
     @property
     def is_first(self) -> bool:
@@ -175,6 +187,10 @@ class StageRunner:
     def run(self, index: int, action: Action, transport: Transport, batches: Batches) -> None:
         """Execute action ``index`` of this stage's program."""
         assert self.plan is not None
+        timing = self.action_times is not None
+        if timing:
+            sync_device(self.device)
+            t0 = time.perf_counter()
         if action.kind == "F":
             assert action.microbatch is not None
             self._forward(action.minibatch, action.microbatch, transport, batches)
@@ -190,6 +206,18 @@ class StageRunner:
         for v, last in self.plan.keep_until.items():
             if last == index:
                 self.store.release(self.base_version + v)
+        if timing:
+            assert self.action_times is not None
+            sync_device(self.device)
+            count = len(action.microbatches(self.num_microbatches)) if action.kind == "B" else 1
+            self.action_times.append(
+                (
+                    action.kind,
+                    self.base_minibatch + action.minibatch,
+                    count,
+                    time.perf_counter() - t0,
+                )
+            )
 
     # -- forward ---------------------------------------------------------------
     def _rng(self, t: int, j: int) -> contextlib.AbstractContextManager[Any]:

@@ -46,6 +46,17 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="optimizer whose step is timed and whose state is sized (default sgd)",
     )
     p.add_argument("--momentum", type=float, default=0.9, help="SGD momentum (default 0.9)")
+    p.add_argument(
+        "--method",
+        default="i-timeprest",
+        help="method whose engine path is timed: its schedule, weight versions and update "
+        "(default i-timeprest)",
+    )
+    p.add_argument(
+        "--layers-only",
+        action="store_true",
+        help="time a plain autograd forward and backward of the layers instead of the engine",
+    )
     p.add_argument("--device", default="cpu", help="device to time on (default cpu)")
     p.add_argument("--warmup", type=int, default=2, help="untimed runs first (default 2)")
     p.add_argument(
@@ -59,6 +70,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--latency", type=float, default=0.0, help="seconds per message between stages (default 0)"
+    )
+    p.add_argument(
+        "--measure-link",
+        action="store_true",
+        help="measure latency and bandwidth of gloo on loopback between two local processes "
+        "(the link of a one-machine distributed run) instead of --bandwidth/--latency",
     )
     p.add_argument("--data-dir", default=None, help="where the dataset files are")
     p.add_argument("--image-size", type=int, default=None, help="resize images to this size")
@@ -114,6 +131,12 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(f"--bandwidth must be > 0 bytes/s, got {args.bandwidth}")
     if not (args.latency >= 0):
         raise ConfigError(f"--latency must be >= 0, got {args.latency}")
+    if args.measure_link and (args.bandwidth is not None or args.latency != 0.0):
+        raise ConfigError("give --measure-link or --bandwidth/--latency, not both")
+    if not args.layers_only:
+        from timeprest.policy.methods import get_method
+
+        get_method(args.method)  # an unknown name fails before any data is loaded
     balance = parse_balance(args.balance)
     build_model, load_dataset, split = _front_end()
 
@@ -149,6 +172,7 @@ def run(args: argparse.Namespace) -> int:
         repeats=args.repeats,
         bandwidth=args.bandwidth,
         latency=args.latency,
+        method=None if args.layers_only else args.method,
         meta={
             "name": f"{args.model}/{args.dataset}",
             "model": args.model,
@@ -159,13 +183,29 @@ def run(args: argparse.Namespace) -> int:
             "threads": torch.get_num_threads(),
         },
     )
+    if args.measure_link:
+        from dataclasses import replace
+
+        from timeprest.sim.link import measure_link
+
+        sizes = [c.output_bytes for c in cost_model.stages if c.output_bytes > 0]
+        if sizes:
+            link = measure_link(max(max(sizes), 64))  # the largest activation sent
+            cost_model = replace(
+                cost_model,
+                latency=link.latency,
+                bandwidth=link.bandwidth,
+                overhead=link.overhead,
+                meta={**cost_model.meta, "link": "measured: gloo on loopback"},
+            )
     try:
         cost_model.save(args.out)
     except OSError as exc:
         raise ConfigError(f"cannot write {args.out!r}: {exc.strerror}") from None
     print(
         f"{args.model} on {args.dataset}: W={w}, N={n}, batch {x.shape[0]} "
-        f"({cost_model.meta['microbatch_rows']} rows per micro-batch), device {args.device}"
+        f"({cost_model.meta['microbatch_rows']} rows per micro-batch), device {args.device}, "
+        f"timed: {cost_model.meta['timed']}"
     )
     print(
         f"{'stage':>5} {'forward s':>11} {'backward s':>11} {'update s':>10} "
@@ -177,5 +217,10 @@ def run(args: argparse.Namespace) -> int:
             f"{format_bytes(c.weight_bytes):>11} {format_bytes(c.saved_activation_bytes):>11} "
             f"{format_bytes(c.output_bytes):>11}"
         )
+    bw = "infinite" if cost_model.bandwidth is None else f"{cost_model.bandwidth / 1e9:.3g} GB/s"
+    print(
+        f"link: latency {cost_model.latency * 1e3:.3g} ms, bandwidth {bw}, "
+        f"overhead {cost_model.overhead * 1e3:.3g} ms per message"
+    )
     print(f"cost file: {args.out}")
     return 0

@@ -94,6 +94,11 @@ class CostModel:
     """Link bandwidth in bytes per second; ``None`` is infinitely fast."""
     latency: float = 0.0
     """Seconds every message between neighbouring stages takes on top of its transfer."""
+    overhead: float = 0.0
+    """Seconds of a stage's own time that each message it sends or receives costs (the
+    ``o`` of the LogP model, Culler et al. 1993): packing, copying, posting. It adds
+    to the stage's forward and backward times, one message per neighbour per
+    micro-batch, while latency and transfer only delay the receiver."""
     meta: Mapping[str, Any] = field(default_factory=dict, compare=False)
     """Free-form facts about where the costs come from (model, device, ...)."""
 
@@ -111,6 +116,10 @@ class CostModel:
             )
         if not _is_number(self.latency) or not (0 <= self.latency < math.inf):
             raise ConfigError(f"link latency must be a finite number >= 0, got {self.latency!r}")
+        if not _is_number(self.overhead) or not (0 <= self.overhead < math.inf):
+            raise ConfigError(
+                f"message overhead must be a finite number >= 0, got {self.overhead!r}"
+            )
 
     @property
     def num_stages(self) -> int:
@@ -126,11 +135,21 @@ class CostModel:
         """Bytes of one micro-batch of input to ``stage``."""
         return self.input_bytes if stage == 0 else self.stages[stage - 1].output_bytes
 
+    def messages_per_microbatch(self, stage: int) -> int:
+        """Messages a forward (or a backward) of one micro-batch at ``stage`` sends or receives."""
+        return int(stage > 0) + int(stage < self.num_stages - 1)
+
     def to_costs(self) -> Costs:
-        """The time part, as the schedule package's :class:`Costs`."""
+        """The time part, as the schedule package's :class:`Costs`.
+
+        The message overhead is folded into the forward and backward times:
+        a forward at stage s receives from s-1 and sends to s+1, a backward
+        the other way, one message each per micro-batch.
+        """
+        extra = [self.overhead * self.messages_per_microbatch(s) for s in range(self.num_stages)]
         return Costs(
-            forward=tuple(float(c.forward_time) for c in self.stages),
-            backward=tuple(float(c.backward_time) for c in self.stages),
+            forward=tuple(float(c.forward_time) + e for c, e in zip(self.stages, extra)),
+            backward=tuple(float(c.backward_time) + e for c, e in zip(self.stages, extra)),
             update=tuple(float(c.update_time) for c in self.stages),
             comm=tuple(self.comm_time(s) for s in range(self.num_stages - 1)),
             name=str(self.meta.get("name", "cost model")),
@@ -178,7 +197,11 @@ class CostModel:
             "format": FORMAT_NAME,
             "version": FORMAT_VERSION,
             "input_bytes": self.input_bytes,
-            "link": {"bandwidth": self.bandwidth, "latency": self.latency},
+            "link": {
+                "bandwidth": self.bandwidth,
+                "latency": self.latency,
+                "overhead": self.overhead,
+            },
             "stages": [
                 {f.name: getattr(c, f.name) for f in fields(StageCost)} for c in self.stages
             ],
@@ -223,8 +246,10 @@ class CostModel:
                 except ConfigError as exc:
                     raise ConfigError(f"stage {s}: {exc}") from None
             link = data.get("link", {})
-            if not isinstance(link, dict) or set(link) - {"bandwidth", "latency"}:
-                raise ConfigError("'link' must be an object with 'bandwidth' and 'latency'")
+            if not isinstance(link, dict) or set(link) - {"bandwidth", "latency", "overhead"}:
+                raise ConfigError(
+                    "'link' must be an object with 'bandwidth', 'latency' and 'overhead'"
+                )
             meta = data.get("meta", {})
             if not isinstance(meta, dict):
                 raise ConfigError("'meta' must be an object")
@@ -233,6 +258,7 @@ class CostModel:
                 input_bytes=data.get("input_bytes", 0),
                 bandwidth=link.get("bandwidth"),
                 latency=link.get("latency", 0.0),
+                overhead=link.get("overhead", 0.0),
                 meta=meta,
             )
         except ConfigError as exc:

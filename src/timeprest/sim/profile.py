@@ -15,23 +15,22 @@ from __future__ import annotations
 import copy
 import statistics
 import time
+import warnings
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import replace
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from timeprest.errors import ConfigError, ShapeError
+from timeprest.errors import ConfigError, MultipleSequenceWarning, ShapeError
 from timeprest.sim.costmodel import CostModel, StageCost
+from timeprest.stage import sync_device
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
+DEFAULT_METHOD = "i-timeprest"
+"""The method whose engine path :func:`profile_stages` times unless told otherwise."""
 OptimizerFactory = Callable[[list[nn.Parameter]], torch.optim.Optimizer]
-
-
-def _sync(dev: torch.device) -> None:
-    """Wait for queued device work so wall-clock times cover it."""
-    if dev.type == "cuda":
-        torch.cuda.synchronize(dev)
 
 
 def _nbytes(t: Tensor) -> int:
@@ -70,10 +69,10 @@ def saved_bytes_hooks(
 def _median_time(fn: Callable[[], object], dev: torch.device, warmup: int, repeats: int) -> float:
     times: list[float] = []
     for _ in range(warmup + repeats):
-        _sync(dev)
+        sync_device(dev)
         t0 = time.perf_counter()
         fn()
-        _sync(dev)
+        sync_device(dev)
         times.append(time.perf_counter() - t0)
     return statistics.median(times[warmup:])
 
@@ -92,14 +91,23 @@ def profile_stages(
     bandwidth: float | None = None,
     latency: float = 0.0,
     meta: Mapping[str, Any] | None = None,
+    method: str | None = DEFAULT_METHOD,
 ) -> CostModel:
     """Time and size every stage on one micro-batch of ``sample_input`` (a mini-batch).
 
+    Times come from the engine itself: the emulator trains copies of the
+    stages with ``method`` on ``warmup + repeats`` mini-batches (all equal to
+    ``sample_input``), timing every action through the same stage code the
+    engines run (versioned weights, saved-tensor hooks, stashing, the
+    update); the medians over the last ``repeats`` mini-batches are kept
+    (a ``B`` action over several micro-batches counts per micro-batch).
+    ``method=None`` times the layers alone instead: a plain autograd forward
+    and backward per stage, and an optimizer step with made-up gradients.
+
     The last stage's forward includes ``loss_fn(output, target)`` on the
-    matching micro-batch of ``sample_target`` (without them, the backward
-    starts from a gradient of ones on the output). ``optimizer`` (default
-    ``SGD(lr=0.01, momentum=0.9)``) is stepped ``warmup + repeats`` times
-    with made-up gradients to time the update and to size its state.
+    matching micro-batch of ``sample_target`` (without them, the loss is the
+    output's sum: the backward starts from a gradient of ones). ``optimizer``
+    (default ``SGD(lr=0.01, momentum=0.9)``) is timed and its state sized.
     ``bandwidth`` (bytes/s, ``None``: infinite) and ``latency`` (s) describe
     the link and are stored in the cost model as given.
     """
@@ -127,6 +135,7 @@ def profile_stages(
     input_bytes = _nbytes(x)
     last = len(stages) - 1
     results: list[StageCost] = []
+    plain: list[tuple[float, float, float]] = []
     rng_devices = [dev.index or 0] if dev.type == "cuda" else []
     with torch.random.fork_rng(devices=rng_devices), torch.enable_grad():
         for s, stage in enumerate(stages):
@@ -167,59 +176,43 @@ def profile_stages(
             output = out.detach()
             del out
 
-            # times: forward, then backward of that forward, repeated
-            fwd_times: list[float] = []
-            bwd_times: list[float] = []
-            for i in range(warmup + repeats):
-                inp = fresh_input()
-                _sync(dev)
-                t0 = time.perf_counter()
-                out = forward(inp)
-                _sync(dev)
-                t1 = time.perf_counter()
-                if out.requires_grad:
-                    out.backward(None if with_loss else torch.ones_like(out))
-                _sync(dev)
-                t2 = time.perf_counter()
-                if i >= warmup:
-                    fwd_times.append(t1 - t0)
-                    bwd_times.append(t2 - t1)
-                for p in params:
-                    p.grad = None
-            # an optimizer step with made-up gradients (its time does not depend on values)
-            update_time = 0.0
-            opt_bytes = 0
-            if params:
-                opt = make_opt(params)
-
-                def step(
-                    opt: torch.optim.Optimizer = opt, params: list[nn.Parameter] = params
-                ) -> None:
-                    for p in params:
-                        p.grad = torch.full_like(p, 1e-3)
-                    opt.step()
-
-                update_time = _median_time(step, dev, warmup, repeats)
-                opt_bytes = sum(
-                    _nbytes(v)
-                    for st in opt.state.values()
-                    for v in st.values()
-                    if isinstance(v, Tensor)
-                )
-            results.append(
-                StageCost(
-                    forward_time=max(statistics.median(fwd_times), 1e-9),
-                    backward_time=max(statistics.median(bwd_times), 1e-9),
-                    update_time=update_time,
-                    output_bytes=0 if s == last else _nbytes(output),
-                    weight_bytes=sum(_nbytes(p) for p in params),
-                    optimizer_state_bytes=opt_bytes,
-                    saved_activation_bytes=saved,
-                )
+            sized = StageCost(
+                forward_time=1.0,  # placeholders until timed
+                backward_time=1.0,
+                output_bytes=0 if s == last else _nbytes(output),
+                weight_bytes=sum(_nbytes(p) for p in params),
+                optimizer_state_bytes=_optimizer_state_bytes(make_opt, params, dev),
+                saved_activation_bytes=saved,
             )
+            if method is None:  # the layers alone; else timed below, through the engine
+                plain.append(
+                    _plain_times(
+                        forward, fresh_input, params, with_loss, make_opt, dev, warmup, repeats
+                    )
+                )
+            results.append(sized)
             x = output
             del probe
+    times = plain
+    if method is not None:
+        times = _engine_times(
+            stages,
+            sample_input,
+            sample_target,
+            num_microbatches,
+            loss_fn,
+            make_opt,
+            dev,
+            method,
+            warmup,
+            repeats,
+        )
+    results = [
+        replace(c, forward_time=f, backward_time=b, update_time=u)
+        for c, (f, b, u) in zip(results, times)
+    ]
     info: dict[str, Any] = {
+        "timed": "layers alone" if method is None else f"engine, method {method}",
         "device": str(dev),
         "torch": torch.__version__,
         "num_microbatches": num_microbatches,
@@ -234,4 +227,124 @@ def profile_stages(
         bandwidth=bandwidth,
         latency=latency,
         meta=info,
+    )
+
+
+def _optimizer_state_bytes(
+    make_opt: OptimizerFactory, params: list[nn.Parameter], dev: torch.device
+) -> int:
+    """Bytes of the optimizer's state after one step (made-up gradients, on copies)."""
+    if not params:
+        return 0
+    copies = [nn.Parameter(p.detach().clone().to(dev)) for p in params]
+    opt = make_opt(copies)
+    for p in copies:
+        p.grad = torch.full_like(p, 1e-3)
+    opt.step()
+    return sum(
+        _nbytes(v) for st in opt.state.values() for v in st.values() if isinstance(v, Tensor)
+    )
+
+
+def _engine_times(
+    stages: Sequence[nn.Module],
+    sample_input: Tensor,
+    sample_target: Tensor | None,
+    num_microbatches: int,
+    loss_fn: LossFn | None,
+    make_opt: OptimizerFactory,
+    dev: torch.device,
+    method: str,
+    warmup: int,
+    repeats: int,
+) -> list[tuple[float, float, float]]:
+    """Per stage (forward, backward per micro-batch, update) seconds, timed in the emulator."""
+    from timeprest.pipeline import Pipeline
+
+    copies = [copy.deepcopy(m).to(dev).train() for m in stages]
+    x = sample_input.detach().to(dev)
+    if sample_target is None or loss_fn is None:
+        target = x
+
+        def total(out: Tensor, _target: Tensor) -> Tensor:
+            return out.sum()
+
+        loss: LossFn = total
+    else:
+        target, loss = sample_target.detach().to(dev), loss_fn
+    with warnings.catch_warnings():  # a short N is fine for timing
+        warnings.simplefilter("ignore", MultipleSequenceWarning)
+        pipe = Pipeline(
+            copies,
+            method=method,
+            num_microbatches=num_microbatches,
+            optimizer=make_opt,
+            loss_fn=loss,
+        )
+    for r in pipe.runners:
+        r.action_times = []
+    with torch.random.fork_rng(devices=[dev.index or 0] if dev.type == "cuda" else []):
+        pipe.train([(x, target)] * (warmup + repeats))
+    out: list[tuple[float, float, float]] = []
+    for r in pipe.runners:
+        assert r.action_times is not None
+        timed = [(k, n, sec) for k, t, n, sec in r.action_times if t >= warmup]
+        f = [sec for k, _, sec in timed if k == "F"]
+        b = [sec / n for k, n, sec in timed if k == "B"]
+        u = [sec for k, _, sec in timed if k == "U"]
+        r.action_times = None
+        out.append(
+            (
+                max(statistics.median(f), 1e-9),
+                max(statistics.median(b), 1e-9),
+                statistics.median(u) if u else 0.0,
+            )
+        )
+    return out
+
+
+def _plain_times(
+    forward: Callable[[Tensor], Tensor],
+    fresh_input: Callable[[], Tensor],
+    params: list[nn.Parameter],
+    with_loss: bool,
+    make_opt: OptimizerFactory,
+    dev: torch.device,
+    warmup: int,
+    repeats: int,
+) -> tuple[float, float, float]:
+    """Median seconds of a plain autograd forward and backward, and of an optimizer step."""
+    fwd_times: list[float] = []
+    bwd_times: list[float] = []
+    for i in range(warmup + repeats):
+        inp = fresh_input()
+        sync_device(dev)
+        t0 = time.perf_counter()
+        out = forward(inp)
+        sync_device(dev)
+        t1 = time.perf_counter()
+        if out.requires_grad:
+            out.backward(None if with_loss else torch.ones_like(out))
+        sync_device(dev)
+        t2 = time.perf_counter()
+        if i >= warmup:
+            fwd_times.append(t1 - t0)
+            bwd_times.append(t2 - t1)
+        for p in params:
+            p.grad = None
+    # an optimizer step with made-up gradients (its time does not depend on values)
+    update_time = 0.0
+    if params:
+        opt = make_opt(params)
+
+        def step() -> None:
+            for p in params:
+                p.grad = torch.full_like(p, 1e-3)
+            opt.step()
+
+        update_time = _median_time(step, dev, warmup, repeats)
+    return (
+        max(statistics.median(fwd_times), 1e-9),
+        max(statistics.median(bwd_times), 1e-9),
+        update_time,
     )

@@ -1,0 +1,158 @@
+"""Measure the link between two stage processes: latency and bandwidth of one message.
+
+Two processes send a tensor back and forth (blocking ``send``/``recv``, as
+the runtime's messages go); half the median round trip is the one-way time
+of a message of that size, and the processes' CPU time per message is the
+*overhead*, the time a message takes from the stage that sends or receives
+it (on a machine whose cores the stages share, the transport's threads
+compete with the compute). The rest of the one-way time, timed for a small
+and a large message, separates a fixed part (the latency) from a part that
+grows with the size (the bandwidth):
+``one_way(size) = overhead + latency + size / bandwidth + overhead``.
+
+:func:`pingpong` runs inside an existing process group (a benchmark's own
+ranks); :func:`measure_link` starts two local processes on loopback, which
+is the link of a one-machine job such as ``timeprest train --engine
+distributed``. A cluster's link is another matter: measure it there, or
+give ``--bandwidth`` and ``--latency``.
+"""
+
+from __future__ import annotations
+
+import datetime
+import multiprocessing as mp
+import os
+import queue
+import statistics
+import tempfile
+import time
+from typing import NamedTuple
+
+import torch
+import torch.distributed as dist
+
+from timeprest.errors import ConfigError
+
+SMALL_BYTES = 4
+"""Size of the message that measures the latency."""
+
+
+class Link(NamedTuple):
+    """A measured link: what :class:`~timeprest.sim.costmodel.CostModel` calls its link."""
+
+    latency: float
+    bandwidth: float | None
+    overhead: float
+
+
+def pingpong(
+    peer: int, nbytes: int, *, first: bool, repeats: int = 30, warmup: int = 5
+) -> tuple[float, float]:
+    """Median one-way seconds of an ``nbytes`` message to ``peer`` and back (default group),
+    and this process's CPU seconds per message (all its threads, sending or receiving).
+
+    Both ranks call it with the same arguments except ``first`` (exactly one
+    of them starts each exchange).
+    """
+    if repeats < 1 or warmup < 0:
+        raise ConfigError(f"pingpong needs repeats >= 1 and warmup >= 0, got {repeats}, {warmup}")
+    buf = torch.zeros(max(nbytes, 1), dtype=torch.uint8)
+    times: list[float] = []
+    cpu0 = 0.0
+    for i in range(warmup + repeats):
+        if i == warmup:
+            cpu0 = time.process_time()
+        t0 = time.perf_counter()
+        if first:
+            dist.send(buf, peer)
+            dist.recv(buf, peer)
+        else:
+            dist.recv(buf, peer)
+            dist.send(buf, peer)
+        if i >= warmup:
+            times.append((time.perf_counter() - t0) / 2)
+    cpu = (time.process_time() - cpu0) / (2 * repeats)
+    return statistics.median(times), cpu
+
+
+def fit_link(small: tuple[int, float], large: tuple[int, float]) -> tuple[float, float | None]:
+    """``(latency, bandwidth)`` from the one-way times of a small and a large message.
+
+    The bandwidth is ``None`` (infinite) when the large message was not
+    slower than the small one; the latency is never negative.
+    """
+    (b0, t0), (b1, t1) = small, large
+    if b1 <= b0:
+        raise ConfigError(f"the large message ({b1} bytes) must be larger than the small ({b0})")
+    if t1 <= t0:
+        return max(t1, 0.0), None
+    bandwidth = (b1 - b0) / (t1 - t0)
+    return max(t0 - b0 / bandwidth, 0.0), bandwidth
+
+
+def link_between(peer: int, nbytes: int, *, first: bool, repeats: int = 30) -> Link:
+    """The link to ``peer`` for messages of ``nbytes``, from two ping-pongs.
+
+    The overhead is the CPU time per message of ``nbytes`` (both ranks'
+    mean, so every rank gets the same figure). A one-way time covers the
+    sender's overhead, the flight and the receiver's overhead, so latency
+    and bandwidth are fitted to the one-way times less twice the overhead.
+    """
+    big = max(nbytes, SMALL_BYTES + 1)
+    t_small, cpu_small = pingpong(peer, SMALL_BYTES, first=first, repeats=repeats)
+    t_big, cpu_big = pingpong(peer, big, first=first, repeats=repeats)
+    both = torch.tensor([cpu_small, cpu_big], dtype=torch.float64)
+    dist.all_reduce(both)
+    o_small, o_big = (float(v) / dist.get_world_size() for v in both)
+    latency, bandwidth = fit_link(
+        (SMALL_BYTES, max(t_small - 2 * o_small, 0.0)), (big, max(t_big - 2 * o_big, 0.0))
+    )
+    return Link(latency, bandwidth, o_big)
+
+
+def _worker(rank: int, rdv: str, nbytes: int, repeats: int, out: mp.Queue[object]) -> None:
+    torch.set_num_threads(1)
+    try:
+        dist.init_process_group(
+            "gloo",
+            init_method=f"file://{rdv}",
+            rank=rank,
+            world_size=2,
+            timeout=datetime.timedelta(seconds=60),
+        )
+        result = link_between(1 - rank, nbytes, first=rank == 0, repeats=repeats)
+        dist.destroy_process_group()
+        if rank == 0:
+            out.put(result)
+    except Exception as exc:  # reported by the parent as one line
+        out.put(f"rank {rank}: {type(exc).__name__}: {str(exc).strip().splitlines()[0]}")
+
+
+def measure_link(nbytes: int, *, repeats: int = 30, timeout: float = 120.0) -> Link:
+    """The :class:`Link` of gloo on loopback between two new processes, for ``nbytes`` messages."""
+    if not isinstance(nbytes, int) or nbytes <= SMALL_BYTES:
+        raise ConfigError(f"measure the link with messages of more than {SMALL_BYTES} bytes")
+    ctx = mp.get_context("spawn")
+    out: mp.Queue[object] = ctx.Queue()
+    with tempfile.TemporaryDirectory(prefix="timeprest-link-") as tmp:
+        rdv = os.path.join(tmp, "rdv")
+        procs = [
+            ctx.Process(target=_worker, args=(r, rdv, nbytes, repeats, out), daemon=True)
+            for r in range(2)
+        ]
+        for p in procs:
+            p.start()
+        try:
+            got = out.get(timeout=timeout)
+        except queue.Empty:
+            got = f"no answer within {timeout:.0f} s"
+        finally:
+            for p in procs:
+                p.join(5)
+                if p.is_alive():
+                    p.kill()
+                    p.join()
+    if isinstance(got, str):
+        raise ConfigError(f"measuring the link failed: {got}")
+    assert isinstance(got, tuple)
+    return Link(*got)
