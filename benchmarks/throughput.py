@@ -21,7 +21,7 @@ In one run, interleaved over several rounds (medians reported):
   method's own engine path (the emulator's stage code: weight versions,
   hooks, update; one thread each, as in the runs; stage s's costs are taken
   from rank s); the link (per-message overhead, latency, bandwidth) is
-  measured once by a ping-pong of the two processes
+  measured in every round by a ping-pong of the two processes
   (``timeprest.sim.link.link_between``); and
   ``timeprest.sim.simulate(method, W, N, T, cost_model,
   order_costs="default")`` (the order ``Pipeline`` uses) predicts that
@@ -69,7 +69,7 @@ import timeprest
 from timeprest.engine.runtime import RuntimeOptions
 from timeprest.sim import simulate
 from timeprest.sim.costmodel import CostModel
-from timeprest.sim.link import link_between
+from timeprest.sim.link import Link, link_between
 from timeprest.sim.profile import profile_stages
 
 W = 2
@@ -249,8 +249,7 @@ def worker(rank: int, args: argparse.Namespace, port: int) -> None:
     # warm-up: shapes, allocator, first-call costs
     for name in methods:
         runners[name].run(data[name][:2])
-    # the link of these two processes, for the simulator (gloo on loopback)
-    link = link_between(1 - rank, m * width * 4, first=rank == 0)
+    links: list[Link] = []  # per round: the link of these two processes (gloo on loopback)
     rates: dict[str, list[float]] = {name: [] for name in methods}
     cpu: dict[str, list[list[float]]] = {name: [] for name in methods}
     stage_times: list[list[tuple[float, float]]] = []
@@ -265,14 +264,13 @@ def worker(rank: int, args: argparse.Namespace, port: int) -> None:
         both: list[Any] = [None] * W
         dist.all_gather_object(both, mine)
         stage_times.append(both)
+        links.append(link_between(1 - rank, m * width * 4, first=rank == 0))
         for name in methods:  # interleaved, so drifting load hits every method alike
             if name in profiles:  # the simulator's profile right before the run it predicts
                 barrier_time()  # both processes at once, like the runs
                 nn_ = 1 if name == "pipedream" else n
                 cm = profiled_costs(stages, data[name][0], nn_, name)
-                template = template or replace(
-                    cm, latency=link.latency, bandwidth=link.bandwidth, overhead=link.overhead
-                )
+                template = template or cm
                 prof: list[Any] = [None] * W
                 dist.all_gather_object(
                     prof, [(c.forward_time, c.backward_time, c.update_time) for c in cm.stages]
@@ -294,7 +292,7 @@ def worker(rank: int, args: argparse.Namespace, port: int) -> None:
     if rank == 0:
         report(args, stage_times, rates, cpu, load)
         assert template is not None
-        predict(args, profiles, template, rates, steady)
+        predict(args, profiles, template, links, rates, steady)
     dist.destroy_process_group()
 
 
@@ -361,6 +359,7 @@ def predict(
     args: argparse.Namespace,
     profiles: dict[str, list[list[Any]]],
     template: CostModel,
+    links: list[Link],
     rates: dict[str, list[float]],
     steady: dict[str, list[float]],
 ) -> None:
@@ -377,13 +376,15 @@ def predict(
         "costs: profile_stages(method=...) times each method's own engine path (emulator, "
         "both processes at once, one thread each) in every round; stage s from rank s"
     )
-    bw = "infinite" if template.bandwidth is None else f"{template.bandwidth / 1e9:.2f} GB/s"
     print(
-        f"link (timeprest.sim.link.link_between, ping-pong of these two processes): overhead "
-        f"{template.overhead * 1e3:.3f} ms per message sent or received, latency "
-        f"{template.latency * 1e3:.3f} ms, bandwidth {bw} (a "
-        f"{template.stages[0].output_bytes:,}-byte activation flies "
-        f"{template.comm_time(0) * 1e3:.3f} ms)"
+        "link per round (timeprest.sim.link.link_between, ping-pong of these two processes; "
+        f"{template.stages[0].output_bytes:,}-byte messages): overhead ms per message sent or "
+        "received "
+        + " ".join(f"{k.overhead * 1e3:.3f}" for k in links)
+        + "; latency ms "
+        + " ".join(f"{k.latency * 1e3:.3f}" for k in links)
+        + "; bandwidth GB/s "
+        + " ".join("inf" if k.bandwidth is None else f"{k.bandwidth / 1e9:.2f}" for k in links)
     )
     print(
         'simulate(method, W, N, T, cost_model, order_costs="default") per round; measured: '
@@ -410,7 +411,14 @@ def predict(
                 )
                 for s in range(W)
             )
-            cm = replace(template, stages=costs)
+            k = links[len(preds)]
+            cm = replace(
+                template,
+                stages=costs,
+                latency=k.latency,
+                bandwidth=k.bandwidth,
+                overhead=k.overhead,
+            )
             sim = simulate(name, W, nn_, count, cm, order_costs="default")
             preds.append(sim.time_per_minibatch)
         # samples/s -> seconds per mini-batch of nn_ micro-batches

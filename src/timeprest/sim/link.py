@@ -58,10 +58,9 @@ def pingpong(
         raise ConfigError(f"pingpong needs repeats >= 1 and warmup >= 0, got {repeats}, {warmup}")
     buf = torch.zeros(max(nbytes, 1), dtype=torch.uint8)
     times: list[float] = []
-    cpu0 = 0.0
+    cpus: list[float] = []
     for i in range(warmup + repeats):
-        if i == warmup:
-            cpu0 = time.process_time()
+        c0 = time.process_time()
         t0 = time.perf_counter()
         if first:
             dist.send(buf, peer)
@@ -71,8 +70,9 @@ def pingpong(
             dist.send(buf, peer)
         if i >= warmup:
             times.append((time.perf_counter() - t0) / 2)
-    cpu = (time.process_time() - cpu0) / (2 * repeats)
-    return statistics.median(times), cpu
+            cpus.append((time.process_time() - c0) / 2)
+    # the mean, not the median: a stage pays for every message's CPU time
+    return statistics.median(times), statistics.fmean(cpus)
 
 
 def fit_link(small: tuple[int, float], large: tuple[int, float]) -> tuple[float, float | None]:
@@ -90,7 +90,7 @@ def fit_link(small: tuple[int, float], large: tuple[int, float]) -> tuple[float,
     return max(t0 - b0 / bandwidth, 0.0), bandwidth
 
 
-def link_between(peer: int, nbytes: int, *, first: bool, repeats: int = 30) -> Link:
+def link_between(peer: int, nbytes: int, *, first: bool, repeats: int = 60) -> Link:
     """The link to ``peer`` for messages of ``nbytes``, from two ping-pongs.
 
     The overhead is the CPU time per message of ``nbytes`` (both ranks'
@@ -128,7 +128,7 @@ def _worker(rank: int, rdv: str, nbytes: int, repeats: int, out: mp.Queue[object
         out.put(f"rank {rank}: {type(exc).__name__}: {str(exc).strip().splitlines()[0]}")
 
 
-def measure_link(nbytes: int, *, repeats: int = 30, timeout: float = 120.0) -> Link:
+def measure_link(nbytes: int, *, repeats: int = 60, timeout: float = 120.0) -> Link:
     """The :class:`Link` of gloo on loopback between two new processes, for ``nbytes`` messages."""
     if not isinstance(nbytes, int) or nbytes <= SMALL_BYTES:
         raise ConfigError(f"measure the link with messages of more than {SMALL_BYTES} bytes")
@@ -142,10 +142,18 @@ def measure_link(nbytes: int, *, repeats: int = 30, timeout: float = 120.0) -> L
         ]
         for p in procs:
             p.start()
+        deadline = time.monotonic() + timeout
+        got: object = f"no answer within {timeout:.0f} s"
         try:
-            got = out.get(timeout=timeout)
-        except queue.Empty:
-            got = f"no answer within {timeout:.0f} s"
+            while time.monotonic() < deadline:
+                try:
+                    got = out.get(timeout=0.2)
+                    break
+                except queue.Empty:
+                    dead = [p.exitcode for p in procs if p.exitcode not in (None, 0)]
+                    if dead and out.empty():
+                        got = f"a measuring process exited with code {dead[0]}"
+                        break
         finally:
             for p in procs:
                 p.join(5)
