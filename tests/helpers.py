@@ -48,3 +48,45 @@ def plain_sgd(stages, batches, lr=0.1, loss_fn=torch.nn.functional.mse_loss):
 
 def flat(stages):
     return torch.cat([p.detach().reshape(-1) for m in stages for p in m.parameters()])
+
+
+# -- the command line -------------------------------------------------------------------
+
+# a small, quick run: mini-batches of 32 rows of a synthetic set, two stages split by
+# parameter count (each test adds its epochs and the rest)
+SMALL_RUN = [
+    "--dataset",
+    "synthetic:train=256,test=128",
+    "--model",
+    "mlp",
+    "--stages",
+    "2",
+    "--balance",
+    "params",
+    "--batch-size",
+    "32",
+    "--no-progress",
+]
+
+
+def run_cli(*argv: str) -> tuple[int, str, str]:
+    """Run ``timeprest ARGV`` in this process; its exit code, stdout and stderr."""
+    import contextlib
+    import io
+
+    from timeprest.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        rc = main(list(argv))
+    return rc, out.getvalue(), err.getvalue()
+
+
+def assert_one_line_error(rc: int, err: str, command: str, match: str) -> None:
+    """Exit code 2 and one line ``timeprest COMMAND: error: ...`` containing ``match``."""
+    assert rc == 2, err
+    assert "Traceback" not in err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert lines[0].startswith(f"timeprest {command}: error: ")
+    assert match in lines[0], lines[0]

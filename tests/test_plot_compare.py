@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 import shutil
 import struct
@@ -12,48 +10,16 @@ from pathlib import Path
 
 import pytest
 
+from helpers import SMALL_RUN, assert_one_line_error, run_cli
 from timeprest import compare as compare_mod
-from timeprest.cli import main
 from timeprest.compare import parse_methods
 from timeprest.errors import ConfigError
 from timeprest.plots import PLOT_FILES, load_runs, run_label
 from timeprest.train import TrainConfig
 
-BASE = [
-    "--dataset",
-    "synthetic:train=256,test=128",
-    "--model",
-    "mlp",
-    "--stages",
-    "2",
-    "--balance",
-    "params",
-    "--epochs",
-    "2",
-    "--batch-size",
-    "32",
-    "--no-progress",
-    "--target-accuracy",
-    "0.3",
-]
+BASE = [*SMALL_RUN, "--epochs", "2", "--target-accuracy", "0.3"]
 METHODS = "pipedream,v-timeprest,i-timeprest@0.5"
 RUNS = ("pipedream", "v-timeprest", "i-timeprest@0.5")
-
-
-def cli(*argv: str) -> tuple[int, str, str]:
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        rc = main(list(argv))
-    return rc, out.getvalue(), err.getvalue()
-
-
-def assert_one_line_error(rc: int, err: str, command: str, match: str) -> None:
-    assert rc == 2, err
-    assert "Traceback" not in err
-    lines = err.strip().splitlines()
-    assert len(lines) == 1, err
-    assert lines[0].startswith(f"timeprest {command}: error: ")
-    assert match in lines[0], lines[0]
 
 
 def assert_png(path: Path, min_width: int = 400) -> None:
@@ -72,7 +38,7 @@ def tree(root: Path) -> dict[str, bytes]:
 def compared(tmp_path_factory) -> tuple[Path, str]:
     """Three methods, two epochs each, compared once for the whole module."""
     out = tmp_path_factory.mktemp("compare") / "out"
-    rc, stdout, err = cli("compare", "--methods", METHODS, *BASE, "--out", str(out))
+    rc, stdout, err = run_cli("compare", "--methods", METHODS, *BASE, "--out", str(out))
     assert rc == 0, err
     return out, stdout
 
@@ -132,7 +98,7 @@ def test_compare_reuses_finished_runs(out_copy):
     before = tree(out_copy)
     # --no-plots: drawing is slow on a loaded machine and tested elsewhere
     argv = ["compare", "--methods", METHODS, *BASE, "--no-plots"]
-    rc, stdout, err = cli(*argv, "--out", str(out_copy))
+    rc, stdout, err = run_cli(*argv, "--out", str(out_copy))
     assert rc == 0, err
     for i, name in enumerate(RUNS, start=1):
         assert f"[{i}/3] {name}: reusing the finished run in {out_copy / name}" in stdout
@@ -146,11 +112,13 @@ def test_compare_reuses_finished_runs(out_copy):
 
 def test_compare_refuses_other_settings(out_copy):
     before = tree(out_copy)
-    rc, _, err = cli("compare", "--methods", METHODS, *BASE, "--lr", "0.1", "--out", str(out_copy))
+    rc, _, err = run_cli(
+        "compare", "--methods", METHODS, *BASE, "--lr", "0.1", "--out", str(out_copy)
+    )
     assert_one_line_error(rc, err, "compare", "pipedream already holds a different run (lr=0.001")
     assert "--overwrite" in err
     # more epochs of the same run: resumable
-    rc, _, err = cli(
+    rc, _, err = run_cli(
         "compare", "--methods", METHODS, *BASE, "--epochs", "3", "--out", str(out_copy)
     )
     assert_one_line_error(rc, err, "compare", "already holds a run with epochs=2 (now 3)")
@@ -159,7 +127,7 @@ def test_compare_refuses_other_settings(out_copy):
 
 
 def test_compare_resume_reuses_and_starts_missing_methods(out_copy):
-    rc, stdout, err = cli(
+    rc, stdout, err = run_cli(
         "compare",
         "--methods",
         "pipedream,gpipe",
@@ -179,7 +147,7 @@ def test_compare_resume_reuses_and_starts_missing_methods(out_copy):
 
 def test_compare_resume_continues_runs_to_more_epochs(out_copy):
     argv = ["compare", "--methods", "pipedream", *BASE, "--epochs", "3", "--resume", "--no-plots"]
-    rc, stdout, err = cli(*argv, "--out", str(out_copy))
+    rc, stdout, err = run_cli(*argv, "--out", str(out_copy))
     assert rc == 0, err
     assert "[1/1] pipedream: resuming" in stdout
     table = json.loads((out_copy / "results.json").read_text())
@@ -189,7 +157,7 @@ def test_compare_resume_continues_runs_to_more_epochs(out_copy):
 def test_compare_without_matplotlib_still_writes_the_table(out_copy, monkeypatch):
     shutil.rmtree(out_copy / "plots")
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib now fails
-    rc, stdout, err = cli("compare", "--methods", METHODS, *BASE, "--out", str(out_copy))
+    rc, stdout, err = run_cli("compare", "--methods", METHODS, *BASE, "--out", str(out_copy))
     assert rc == 0, err
     assert "pip install timeprest[plot]" in stdout
     assert "![" not in (out_copy / "results.md").read_text()
@@ -210,7 +178,7 @@ def test_compare_records_a_diverged_method(tmp_path):
         "--epochs",
         "1",
     ]
-    rc, stdout, err = cli(*argv, "--out", str(out))
+    rc, stdout, err = run_cli(*argv, "--out", str(out))
     assert rc == 0, err  # divergence is a result, not an error of the command
     assert "v-timeprest diverged: loss is" in stdout and "[2/2] gpipe: training" in stdout
     results = (out / "results.md").read_text()
@@ -219,7 +187,7 @@ def test_compare_records_a_diverged_method(tmp_path):
     table = json.loads((out / "results.json").read_text())
     assert table[0]["failure"].startswith("loss is") and table[0]["final_test_accuracy"] is None
     assert not (out / "plots").exists()  # no run finished an epoch: nothing to draw
-    rc, _, err = cli("plot", str(out))
+    rc, _, err = run_cli("plot", str(out))
     assert_one_line_error(rc, err, "plot", "has no finished epoch yet")
 
 
@@ -242,14 +210,14 @@ def test_plot_of_a_compare_dir_skips_runs_without_epochs(compared, tmp_path):
     ],
 )
 def test_compare_bad_methods(methods, match, tmp_path):
-    rc, _, err = cli("compare", "--methods", methods, *BASE, "--out", str(tmp_path / "out"))
+    rc, _, err = run_cli("compare", "--methods", methods, *BASE, "--out", str(tmp_path / "out"))
     assert_one_line_error(rc, err, "compare", match)
     assert not (tmp_path / "out").exists()  # checked before anything is written
 
 
 def test_compare_bad_training_flag_fails_before_any_run(tmp_path):
     argv = ["compare", "--methods", "pipedream,gpipe", *BASE, "--batch-size", "0"]
-    rc, _, err = cli(*argv, "--out", str(tmp_path / "out"))
+    rc, _, err = run_cli(*argv, "--out", str(tmp_path / "out"))
     assert_one_line_error(rc, err, "compare", "--batch-size must be an integer >= 1")
     assert not (tmp_path / "out").exists()
 
@@ -285,7 +253,7 @@ def test_compare_time_split_is_shared_and_saved(tmp_path, monkeypatch):
     monkeypatch.setattr(compare_mod, "_measure_split", lambda cfg: [3, 3])
     argv = [*BASE, "--balance", "time", "--epochs", "1", "--no-plots"]
     out = tmp_path / "out"
-    rc, stdout, err = cli("compare", "--methods", "v-timeprest,gpipe", *argv, "--out", str(out))
+    rc, stdout, err = run_cli("compare", "--methods", "v-timeprest,gpipe", *argv, "--out", str(out))
     assert rc == 0, err
     assert "split: layer counts 3,3" in stdout
     for name in ("v-timeprest", "gpipe"):
@@ -294,7 +262,7 @@ def test_compare_time_split_is_shared_and_saved(tmp_path, monkeypatch):
     # a refused command (another batch size) measures again but keeps the saved split
     monkeypatch.setattr(compare_mod, "_measure_split", lambda cfg: [2, 4])
     before = (out / "split.json").read_text()
-    rc, _, err = cli(
+    rc, _, err = run_cli(
         "compare", "--methods", "v-timeprest", *argv, "--batch-size", "16", "--out", str(out)
     )
     assert_one_line_error(rc, err, "compare", "already holds a different run")
@@ -317,7 +285,7 @@ def test_parse_methods():
 
 def test_plot_cli_writes_pngs(compared, tmp_path):
     out, _ = compared
-    rc, stdout, err = cli(
+    rc, stdout, err = run_cli(
         "plot", str(out / "pipedream"), str(out / "v-timeprest"), "--out", str(tmp_path / "figs")
     )
     assert rc == 0, err
@@ -328,7 +296,7 @@ def test_plot_cli_writes_pngs(compared, tmp_path):
 
 def test_plot_default_out_of_one_dir_is_inside_it(out_copy):
     shutil.rmtree(out_copy / "plots")
-    rc, _, err = cli("plot", str(out_copy / "pipedream"))
+    rc, _, err = run_cli("plot", str(out_copy / "pipedream"))
     assert rc == 0, err
     for name in PLOT_FILES:
         assert_png(out_copy / "pipedream" / "plots" / name)
@@ -337,31 +305,31 @@ def test_plot_default_out_of_one_dir_is_inside_it(out_copy):
 def test_plot_bad_input(compared, tmp_path):
     empty = tmp_path / "empty"
     empty.mkdir()
-    rc, _, err = cli("plot", str(empty), "--out", str(tmp_path / "f"))
+    rc, _, err = run_cli("plot", str(empty), "--out", str(tmp_path / "f"))
     assert_one_line_error(rc, err, "plot", "is not a run directory (no config.json)")
 
-    rc, _, err = cli("plot", str(tmp_path / "missing"), "--out", str(tmp_path / "f"))
+    rc, _, err = run_cli("plot", str(tmp_path / "missing"), "--out", str(tmp_path / "f"))
     assert_one_line_error(rc, err, "plot", "is not a directory")
 
     started = tmp_path / "started"  # config written, no epoch finished yet
     started.mkdir()
     shutil.copy(compared[0] / "pipedream" / "config.json", started / "config.json")
-    rc, _, err = cli("plot", str(started), "--out", str(tmp_path / "f"))
+    rc, _, err = run_cli("plot", str(started), "--out", str(tmp_path / "f"))
     assert_one_line_error(rc, err, "plot", "has no finished epoch yet")
 
     (started / "epochs.jsonl").write_text('{"epoch": 1, "train_lo\n')
-    rc, _, err = cli("plot", str(started), "--out", str(tmp_path / "f"))
+    rc, _, err = run_cli("plot", str(started), "--out", str(tmp_path / "f"))
     assert_one_line_error(rc, err, "plot", "line 1: not JSON")
 
     (started / "epochs.jsonl").write_text('{"epoch": 1}\n')
-    rc, _, err = cli("plot", str(started), "--out", str(tmp_path / "f"))
+    rc, _, err = run_cli("plot", str(started), "--out", str(tmp_path / "f"))
     assert_one_line_error(rc, err, "plot", "lacks train_loss")
     assert not (tmp_path / "f").exists()
 
 
 def test_plot_without_matplotlib(compared, tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "matplotlib.figure", None)
-    rc, _, err = cli("plot", str(compared[0] / "pipedream"), "--out", str(tmp_path / "f"))
+    rc, _, err = run_cli("plot", str(compared[0] / "pipedream"), "--out", str(tmp_path / "f"))
     assert_one_line_error(rc, err, "plot", "plotting needs matplotlib: pip install timeprest[plot]")
 
 

@@ -2,34 +2,19 @@
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 import shutil
 from pathlib import Path
 
 import pytest
 
-from timeprest.cli import main
+from helpers import SMALL_RUN, run_cli
+from helpers import assert_one_line_error as one_line_error
 from timeprest.data import download
 from timeprest.tensorboard import EpochWriter
 
 # small and quick: 8 mini-batches of 32 rows, two stages split by parameter count
-BASE = [
-    "--dataset",
-    "synthetic:train=256,test=128",
-    "--model",
-    "mlp",
-    "--stages",
-    "2",
-    "--balance",
-    "params",
-    "--epochs",
-    "1",
-    "--batch-size",
-    "32",
-    "--no-progress",
-]
+BASE = [*SMALL_RUN, "--epochs", "1"]
 
 EPOCH_FIELDS = {
     "epoch",
@@ -60,19 +45,11 @@ PER_STAGE = {
 
 def train(*argv: str) -> tuple[int, str, str]:
     """Run `timeprest train` in-process; return exit code, stdout, stderr."""
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        rc = main(["train", *argv])
-    return rc, out.getvalue(), err.getvalue()
+    return run_cli("train", *argv)
 
 
 def assert_one_line_error(rc: int, err: str, match: str) -> None:
-    assert rc == 2, err
-    assert "Traceback" not in err
-    lines = err.strip().splitlines()
-    assert len(lines) == 1, err
-    assert lines[0].startswith("timeprest train: error: ")
-    assert match in lines[0], lines[0]
+    one_line_error(rc, err, "train", match)
 
 
 def jsonl(path: Path) -> list[dict]:
