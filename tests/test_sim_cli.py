@@ -147,3 +147,18 @@ def test_profile_bad_inputs(capsys, tmp_path):
         *run(capsys, *base, "--stages", "2", "--measure-link", "--latency", "1", *out),
         "not both",
     )
+
+
+def test_simulate_message_overhead(capsys):
+    base = ["simulate", "--method", "1f1b", "--stages", "3", "--microbatches", "3"]
+    code, out, err = run(capsys, *base, "--format", "json")
+    assert code == 0, err
+    plain = json.loads(out)["time_per_minibatch"]
+    code, out, err = run(capsys, *base, "--message-overhead", "0.5", "--format", "json")
+    assert code == 0, err
+    # 1f1b with flush: (N + W - 1) slots of F + B = 3; the middle stage has two
+    # neighbours, so its F + B becomes (1 + 2 * 0.5) + (2 + 2 * 0.5) = 5 (the end
+    # stages' 4): slower, but at most 5 slots of 5
+    assert plain == pytest.approx(15.0)
+    assert 15.0 < json.loads(out)["time_per_minibatch"] <= 25.0
+    _one_line_error(*run(capsys, *base, "--message-overhead", "-1"), "--message-overhead")

@@ -65,6 +65,13 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="seconds per message between neighbouring stages (default 0)",
     )
     p.add_argument(
+        "--message-overhead",
+        type=float,
+        default=None,
+        metavar="O",
+        help="seconds each message costs the stage that sends or receives it (default 0)",
+    )
+    p.add_argument(
         "--update-time",
         type=float,
         default=None,
@@ -117,6 +124,7 @@ UNIFORM_DEFAULTS: dict[str, float] = {
     "forward_time": 1.0,
     "backward_time": 2.0,
     "comm_time": 0.0,
+    "message_overhead": 0.0,
     "update_time": 0.0,
     "weight_bytes": 0,
     "optimizer_bytes": 0,
@@ -146,6 +154,7 @@ def run(args: argparse.Namespace) -> int:
         v["backward_time"],
         v["comm_time"],
         update_time=v["update_time"],
+        overhead=v["message_overhead"],
         weight_bytes=int(v["weight_bytes"]),
         optimizer_state_bytes=int(v["optimizer_bytes"]),
         saved_activation_bytes=int(v["activation_bytes"]),

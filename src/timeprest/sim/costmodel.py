@@ -164,6 +164,7 @@ class CostModel:
         comm_time: float = 0.0,
         *,
         update_time: float = 0.0,
+        overhead: float = 0.0,
         weight_bytes: int = 0,
         optimizer_state_bytes: int = 0,
         saved_activation_bytes: int = 0,
@@ -188,6 +189,7 @@ class CostModel:
             stages=tuple(stages),
             input_bytes=output_bytes,
             latency=comm_time,
+            overhead=overhead,
             meta={"name": "uniform"},
         )
 
@@ -295,11 +297,22 @@ def uniform_or_file(
     forward_time: float,
     backward_time: float,
     comm_time: float,
+    *,
+    update_time: float = 0.0,
+    overhead: float = 0.0,
     **sizes: int,
 ) -> CostModel:
     """The cost model the CLI uses: a file (which must match ``num_stages``) or uniform costs."""
     if path is None:
-        return CostModel.uniform(num_stages, forward_time, backward_time, comm_time, **sizes)
+        return CostModel.uniform(
+            num_stages,
+            forward_time,
+            backward_time,
+            comm_time,
+            update_time=update_time,
+            overhead=overhead,
+            **sizes,
+        )
     model = CostModel.load(path)
     if model.num_stages != num_stages:
         raise ConfigError(
