@@ -19,7 +19,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -58,28 +58,27 @@ class Batches(Protocol):
 
 
 class SplitBatches:
-    """Mini-batches split into micro-batches with ``torch.tensor_split`` along dim 0."""
+    """Mini-batches split into micro-batches with ``torch.tensor_split`` along dim 0.
 
-    def __init__(self, batches: list[tuple[Tensor, Tensor]], num_microbatches: int) -> None:
+    A micro-batch is cut when a stage asks for it, so an epoch is not held
+    twice (the mini-batches and all their micro-batches).
+    """
+
+    def __init__(self, batches: Sequence[tuple[Tensor, Tensor]], num_microbatches: int) -> None:
         self._n = num_microbatches
-        # clones, not views: a micro-batch owns its rows, so its saved input
-        # counts its own bytes rather than the whole mini-batch's storage
-        self._inputs = [
-            [c.clone() for c in torch.tensor_split(x, num_microbatches)] for x, _ in batches
-        ]
-        self._targets = [
-            [c.clone() for c in torch.tensor_split(y, num_microbatches)] for _, y in batches
-        ]
-        self._rows = [int(x.shape[0]) for x, _ in batches]
+        self._batches = batches
 
+    # clones, not views: a micro-batch owns its rows, so its saved input counts its
+    # own bytes rather than the whole mini-batch's storage
     def input(self, t: int, j: int) -> Tensor:
-        return self._inputs[t][j]
+        return torch.tensor_split(self._batches[t][0], self._n)[j].clone()
 
     def target(self, t: int, j: int) -> Tensor:
-        return self._targets[t][j]
+        return torch.tensor_split(self._batches[t][1], self._n)[j].clone()
 
     def fraction(self, t: int, j: int) -> float:
-        return int(self._inputs[t][j].shape[0]) / self._rows[t]
+        x = self._batches[t][0]
+        return int(torch.tensor_split(x, self._n)[j].shape[0]) / int(x.shape[0])
 
 
 def microbatch_seed(seed: int, stage: int, t: int, j: int) -> int:
