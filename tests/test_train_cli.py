@@ -330,3 +330,16 @@ def test_tensorboard_real_event_files(trained, tmp_path):
     assert any(
         p.name.startswith("events.out.tfevents") for p in (tmp_path / "tensorboard").iterdir()
     )
+
+
+@pytest.mark.parametrize("target, want", [(0.45, 2), (0.2, 1), (0.9, None), (None, None)])
+def test_epochs_to_target_is_the_first_epoch_that_reaches_it(target, want):
+    from timeprest.train import TrainConfig, summarize
+
+    history = [
+        {**{k: 0 for k in EPOCH_FIELDS}, "epoch": e + 1, "test_accuracy": acc}
+        for e, acc in enumerate([0.2, 0.5, 0.4])
+    ]
+    summary = summarize(TrainConfig(target_accuracy=target), history)
+    assert summary["epochs_to_target"] == want
+    assert summary["best_epoch"] == 2 and summary["final_test_accuracy"] == 0.4

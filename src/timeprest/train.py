@@ -609,14 +609,6 @@ def run_training(
     tb = EpochWriter(run_dir, start_epoch=start_epoch)  # a no-op without tensorboard
 
     t_start = time.perf_counter() - wall_offset
-    target_epoch = next(
-        (
-            h["epoch"]
-            for h in history
-            if cfg.target_accuracy is not None and h["test_accuracy"] >= cfg.target_accuracy
-        ),
-        None,
-    )
     for epoch in range(start_epoch, cfg.epochs):
         batches = make_batches(
             train_set, cfg.batch_size, shuffle=True, seed=cfg.seed, epoch=epoch, augment=augment
@@ -650,19 +642,13 @@ def run_training(
             f.write(json.dumps(row) + "\n")
         tb.write(row)
         _save_checkpoint(pipe, ckpt_dir, epoch + 1, history, wall)
-        if (
-            target_epoch is None
-            and cfg.target_accuracy is not None
-            and test_acc >= cfg.target_accuracy
-        ):
-            target_epoch = epoch + 1
         log(
             f"epoch {epoch + 1}/{cfg.epochs}: train loss {row['train_loss']:.4f}, "
             f"test loss {test_loss:.4f}, test accuracy {test_acc * 100:.2f}%, "
             f"{train_time:.1f}s ({row['samples_per_s']:,.0f} samples/s)"
         )
     tb.close()
-    summary = summarize(cfg, history, target_epoch)
+    summary = summarize(cfg, history)
     write_json(run_dir / "summary.json", summary)
     log(
         f"done: final test accuracy {summary['final_test_accuracy'] * 100:.2f}%, "
@@ -672,11 +658,15 @@ def run_training(
     return RunResult(run_dir, summary, history)
 
 
-def summarize(
-    cfg: TrainConfig, history: list[dict[str, Any]], target_epoch: int | None
-) -> dict[str, Any]:
+def summarize(cfg: TrainConfig, history: list[dict[str, Any]]) -> dict[str, Any]:
+    """The run's summary.json from its epoch rows (resumed epochs included)."""
     if not history:
         raise ConfigError("no epoch was trained: --epochs must be >= 1")
+    target = cfg.target_accuracy
+    target_epoch = next(
+        (h["epoch"] for h in history if target is not None and h["test_accuracy"] >= target),
+        None,
+    )
     last = history[-1]
     best = max(history, key=lambda h: h["test_accuracy"])
     return {

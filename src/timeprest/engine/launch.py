@@ -275,14 +275,6 @@ def _train_rank(
                 old.unlink()
 
     t_start = time.perf_counter() - wall_offset
-    target_epoch = next(
-        (
-            h["epoch"]
-            for h in history
-            if cfg.target_accuracy is not None and h["test_accuracy"] >= cfg.target_accuracy
-        ),
-        None,
-    )
     own = stages[rank]
     device = pipe.runners[0].device
     if first:  # rank 0 evaluates the whole model: its copies of the other stages join it
@@ -342,15 +334,12 @@ def _train_rank(
                 {"epoch": epoch + 1, "history": history, "wall_time": row["wall_time"]},
             )
         job.barrier("writing the checkpoint")
-        if target_epoch is None and cfg.target_accuracy is not None:
-            if test_acc >= cfg.target_accuracy:
-                target_epoch = epoch + 1
         say(
             f"epoch {epoch + 1}/{cfg.epochs}: train loss {row['train_loss']:.4f}, "
             f"test loss {test_loss:.4f}, test accuracy {test_acc * 100:.2f}%, "
             f"{train_time:.1f}s ({row['samples_per_s']:,.0f} samples/s)"
         )
-    summary = summarize(cfg, history, target_epoch)
+    summary = summarize(cfg, history)
     if first:
         write_json(run_dir / "summary.json", summary)
     say(
