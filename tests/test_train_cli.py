@@ -343,3 +343,12 @@ def test_epochs_to_target_is_the_first_epoch_that_reaches_it(target, want):
     summary = summarize(TrainConfig(target_accuracy=target), history)
     assert summary["epochs_to_target"] == want
     assert summary["best_epoch"] == 2 and summary["final_test_accuracy"] == 0.4
+
+
+def test_resume_with_a_corrupt_split_file_is_one_line(tmp_path):
+    run_dir = tmp_path / "run"
+    rc, _, err = train(*BASE, "--run-dir", str(run_dir))
+    assert rc == 0, err
+    (run_dir / "split.json").write_text("{not json")
+    rc, _, err = train(*BASE, "--epochs", "2", "--run-dir", str(run_dir), "--resume")
+    assert_one_line_error(rc, err, "split.json is unreadable")

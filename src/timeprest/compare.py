@@ -39,8 +39,9 @@ from pathlib import Path
 from typing import Any, Literal
 
 from timeprest.errors import ConfigError, NonFiniteLossError
+from timeprest.files import read_json, write_json
 from timeprest.policy import get_method
-from timeprest.train import RUN_IDENTITY, TrainConfig, run_training, write_json
+from timeprest.train import RUN_IDENTITY, TrainConfig, run_training
 
 DEFAULT_METHODS = ("pipedream", "timeprest", "v-timeprest", "i-timeprest", "gpipe")
 
@@ -181,12 +182,7 @@ def plan_action(cfg: TrainConfig, *, resume: bool, overwrite: bool) -> Action:
         return "train"  # with resume too: a method not started yet starts fresh
     if overwrite:
         return "train"
-    try:
-        old = json.loads(cfg_file.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise ConfigError(
-            f"{cfg_file} is unreadable: {exc}; pass --overwrite to replace it"
-        ) from None
+    old = read_json(cfg_file, "pass --overwrite to replace it")
     diffs = [k for k in REUSE_IDENTITY if old.get(k) != getattr(cfg, k)]
     if not diffs and _finished(run_dir, cfg.epochs):
         return "reuse"
@@ -248,12 +244,7 @@ def fixed_time_split(
     key.update(device=base.device, seed=base.seed)
     saved = out / "split.json"
     if saved.exists() and not overwrite:
-        try:
-            old = json.loads(saved.read_text())
-        except (OSError, json.JSONDecodeError) as exc:
-            raise ConfigError(
-                f"{saved} is unreadable: {exc}; delete it or pass --overwrite"
-            ) from None
+        old = read_json(saved, "delete it or pass --overwrite")
         if old.get("key") == key:
             counts = ",".join(str(c) for c in old["layer_counts"])
             log(f"split: layer counts {counts} (measured earlier, {saved})")
@@ -352,10 +343,7 @@ _FIGURES = (
 
 
 def _run_config(run_dir: Path) -> dict[str, Any]:
-    try:
-        cfg = json.loads((run_dir / "config.json").read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise ConfigError(f"{run_dir / 'config.json'} is unreadable: {exc}") from None
+    cfg = read_json(run_dir / "config.json")
     return cfg if isinstance(cfg, dict) else {}
 
 

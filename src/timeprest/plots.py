@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from timeprest.errors import ConfigError
+from timeprest.files import read_json
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
@@ -95,10 +96,7 @@ def load_run(path: str | os.PathLike[str]) -> RunData:
             f"{run_dir} is not a run directory (no config.json): give directories "
             "written by timeprest train or timeprest compare"
         )
-    try:
-        config = json.loads(cfg_file.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise ConfigError(f"{cfg_file} is unreadable: {exc}") from None
+    config = read_json(cfg_file)
     epochs = read_epochs(run_dir)
     if not epochs:
         raise ConfigError(f"{run_dir} has no finished epoch yet (epochs.jsonl is missing or empty)")

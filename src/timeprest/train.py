@@ -35,6 +35,7 @@ import torch
 from torch import nn
 
 from timeprest.errors import ConfigError
+from timeprest.files import read_json, write_json
 from timeprest.policy import get_method
 from timeprest.schedule.costs import COST_MODES
 
@@ -263,10 +264,7 @@ def prepare_run_dir(cfg: TrainConfig, *, resume: bool, overwrite: bool) -> Path:
     run_dir = Path(cfg.run_dir) if cfg.run_dir else default_run_dir(cfg)
     cfg_file = run_dir / "config.json"
     if cfg_file.exists():
-        try:
-            old = json.loads(cfg_file.read_text())
-        except (OSError, json.JSONDecodeError) as exc:
-            raise ConfigError(f"run dir {run_dir} has an unreadable config.json: {exc}") from None
+        old = read_json(cfg_file)
         diffs = [k for k in RUN_IDENTITY if old.get(k) != getattr(cfg, k)]
         if resume:
             if diffs:
@@ -295,13 +293,6 @@ def prepare_run_dir(cfg: TrainConfig, *, resume: bool, overwrite: bool) -> Path:
         )
     run_dir.mkdir(parents=True, exist_ok=True)
     return run_dir
-
-
-def write_json(path: Path, data: Any) -> None:
-    """Write atomically: a crash never leaves half a file in the run dir."""
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, default=str) + "\n")
-    os.replace(tmp, path)
 
 
 def environment(cfg: TrainConfig) -> dict[str, Any]:
@@ -467,7 +458,7 @@ def saved_split(run_dir: Path, resume: bool) -> list[int] | None:
     """Layer counts of the run being resumed: its checkpoint holds the stages of that split."""
     f = run_dir / "split.json"
     if resume and f.exists():
-        return list(json.loads(f.read_text())["layer_counts"])
+        return list(read_json(f, "pass --overwrite to start afresh")["layer_counts"])
     return None
 
 
@@ -712,7 +703,7 @@ def _resume(
     if load is None or not prog_file.exists():
         raise ConfigError(f"--resume: no checkpoint in {ckpt_dir}")
     load(ckpt_dir)
-    prog = json.loads(prog_file.read_text())
+    prog = read_json(prog_file)
     history = list(prog["history"])
     trim_logs(epochs_log, mb_log, history, pipe.minibatches_done)
     return int(prog["epoch"]), history, float(prog["wall_time"])

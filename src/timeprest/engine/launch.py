@@ -154,6 +154,7 @@ def _train_rank(
 ) -> RunResult:
 
     from timeprest.data import load_dataset, make_batches
+    from timeprest.files import write_json
     from timeprest.models import build_model
     from timeprest.split import apply_plan, plan_split
     from timeprest.train import (
@@ -168,7 +169,6 @@ def _train_rank(
         saved_split,
         summarize,
         trim_logs,
-        write_json,
         write_run_files,
     )
 
