@@ -2,7 +2,14 @@
 
 from __future__ import annotations
 
+import datetime
+import time
+from pathlib import Path
+from typing import Any
+
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 from torch import nn
 
 
@@ -90,3 +97,37 @@ def assert_one_line_error(rc: int, err: str, command: str, match: str) -> None:
     assert len(lines) == 1, err
     assert lines[0].startswith(f"timeprest {command}: error: ")
     assert match in lines[0], lines[0]
+
+
+# -- processes ---------------------------------------------------------------------------
+
+
+def init_group(rank: int, world: int, rdv: str, timeout: float = 60.0) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group(
+        "gloo",
+        init_method=f"file://{rdv}",
+        rank=rank,
+        world_size=world,
+        timeout=datetime.timedelta(seconds=timeout),
+    )
+
+
+def spawn(target, world: int, tmp_path: Path, *args: Any, limit: float = 120.0) -> list[int]:
+    """Run ``target(rank, world, tmp_dir, *args)`` in ``world`` processes; their exit codes."""
+    ctx = mp.get_context("spawn")
+    procs = [
+        ctx.Process(target=target, args=(r, world, str(tmp_path), *args)) for r in range(world)
+    ]
+    for p in procs:
+        p.start()
+    deadline = time.monotonic() + limit
+    for p in procs:
+        p.join(max(deadline - time.monotonic(), 0.1))
+    hung = [i for i, p in enumerate(procs) if p.is_alive()]
+    for p in procs:
+        if p.is_alive():
+            p.kill()
+            p.join()
+    assert not hung, f"ranks {hung} still running after {limit} s"
+    return [p.exitcode if p.exitcode is not None else -999 for p in procs]

@@ -3,19 +3,17 @@ uninterrupted one does (emulator, runtime, and across the two)."""
 
 from __future__ import annotations
 
-import datetime
 import json
-import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch import nn
 
 import timeprest
+from helpers import init_group, spawn
 from timeprest.checkpoint import read_manifest
 from timeprest.engine.launch import launch_local, torchrun_command
 from timeprest.engine.runtime import RuntimeOptions
@@ -203,14 +201,7 @@ def test_torchrun_command() -> None:
 
 def _first_half_worker(rank: int, world: int, tmp: str) -> None:
     """Epoch 1 then a checkpoint per method; and epoch 2 from the emulator's checkpoints."""
-    torch.set_num_threads(1)
-    dist.init_process_group(
-        "gloo",
-        init_method=f"file://{tmp}/rdv",
-        rank=rank,
-        world_size=world,
-        timeout=datetime.timedelta(seconds=60),
-    )
+    init_group(rank, world, f"{tmp}/rdv")
     out: dict[str, Any] = {}
     for method in RESUME_METHODS:
         pipe = distributed(method)
@@ -241,16 +232,7 @@ def test_runtime_resume_is_bitwise(tmp_path: Path) -> None:
         pipe.train(epoch(1))
         pipe.save_checkpoint(tmp_path / f"emulator-{method}")
     # job 1: epoch 1 and a checkpoint, then the process group ends (the interruption)
-    ctx = mp.get_context("spawn")
-    procs = [ctx.Process(target=_first_half_worker, args=(r, W, str(tmp_path))) for r in range(W)]
-    for p in procs:
-        p.start()
-    deadline = time.monotonic() + 120
-    for p in procs:
-        p.join(max(deadline - time.monotonic(), 0.1))
-        if p.is_alive():
-            p.kill()
-    assert [p.exitcode for p in procs] == [0] * W
+    assert spawn(_first_half_worker, W, tmp_path, limit=120) == [0] * W
     # job 2: a fresh torchrun job resumes from those checkpoints
     script = tmp_path / "resume.py"
     script.write_text(

@@ -9,7 +9,6 @@ each with the emulator.
 
 from __future__ import annotations
 
-import datetime
 import os
 import signal
 import time
@@ -20,10 +19,10 @@ from typing import Any
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch import nn
 
 import timeprest
+from helpers import init_group, spawn
 from timeprest.engine import runtime as runtime_module
 from timeprest.engine.runtime import (
     RuntimeOptions,
@@ -85,37 +84,6 @@ def emulate(case: dict[str, Any], world: int, dtype: torch.dtype):
 
 
 # -- spawning ---------------------------------------------------------------------------
-
-
-def init_group(rank: int, world: int, rdv: str, timeout: float = 60.0) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group(
-        "gloo",
-        init_method=f"file://{rdv}",
-        rank=rank,
-        world_size=world,
-        timeout=datetime.timedelta(seconds=timeout),
-    )
-
-
-def spawn(target, world: int, tmp_path: Path, *args: Any, limit: float = 120.0) -> list[int]:
-    """Run ``target(rank, world, tmp_dir, *args)`` in ``world`` processes; their exit codes."""
-    ctx = mp.get_context("spawn")
-    procs = [
-        ctx.Process(target=target, args=(r, world, str(tmp_path), *args)) for r in range(world)
-    ]
-    for p in procs:
-        p.start()
-    deadline = time.monotonic() + limit
-    for p in procs:
-        p.join(max(deadline - time.monotonic(), 0.1))
-    hung = [i for i, p in enumerate(procs) if p.is_alive()]
-    for p in procs:
-        if p.is_alive():
-            p.kill()
-            p.join()
-    assert not hung, f"ranks {hung} still running after {limit} s"
-    return [p.exitcode if p.exitcode is not None else -999 for p in procs]
 
 
 # -- equivalence ------------------------------------------------------------------------
