@@ -188,6 +188,9 @@ def _control_group(timeout: float) -> Any:
     if _control is None or _control[0]() is not world:
         group = dist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=timeout))
         _control = (weakref.ref(world), group)
+        # shut the runtime down at exit, once however many groups a process makes
+        atexit.unregister(shutdown)
+        atexit.register(shutdown)
     return _control[1]
 
 
@@ -198,7 +201,7 @@ def shutdown() -> None:
     destroyed (and its worker threads joined) while the interpreter is still fully
     alive, and destroys the default group if :func:`init_distributed` created it.
     Pipelines of this process cannot communicate afterwards. It runs by itself at
-    interpreter exit: a gloo worker thread still releasing the tensors of the last
+    interpreter exit once a runtime was created: a gloo worker thread still releasing the tensors of the last
     collective when the interpreter finalises aborts the process (SIGABRT).
     """
     global _control, _owned_world
@@ -219,9 +222,6 @@ def shutdown() -> None:
     # a group the caller keeps (not destroyed) still has its workers: let one that
     # waits for the GIL to release a finished collective's tensors have it now
     time.sleep(0.01)
-
-
-atexit.register(shutdown)
 
 
 def _first_line(exc: BaseException) -> str:
