@@ -37,6 +37,7 @@ from torch import nn
 from timeprest.errors import ConfigError
 from timeprest.files import read_json, write_json
 from timeprest.policy import get_method
+from timeprest.policy.methods import DEFAULT_METHOD
 from timeprest.schedule.costs import COST_MODES
 
 if TYPE_CHECKING:
@@ -65,7 +66,7 @@ class TrainConfig:
     """Use only the first N test rows."""
     model: str = "cnn"
     """mlp, cnn, resnet18, vgg16, resnet50."""
-    method: str = "i-timeprest"
+    method: str = DEFAULT_METHOD
     """A method preset (DESIGN section 6)."""
     stages: int = 4
     """Number of pipeline stages W."""

@@ -14,6 +14,7 @@ import importlib
 from typing import Any
 
 from timeprest.errors import ConfigError
+from timeprest.policy.methods import DEFAULT_METHOD
 from timeprest.sim.simulate import format_bytes
 
 
@@ -48,9 +49,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--momentum", type=float, default=0.9, help="SGD momentum (default 0.9)")
     p.add_argument(
         "--method",
-        default="i-timeprest",
+        default=DEFAULT_METHOD,
         help="method whose engine path is timed: its schedule, weight versions and update "
-        "(default i-timeprest)",
+        f"(default {DEFAULT_METHOD})",
     )
     p.add_argument(
         "--layers-only",

@@ -74,6 +74,10 @@ def method_names() -> list[str]:
     return list(METHODS)
 
 
+DEFAULT_METHOD = "i-timeprest"
+"""What ``timeprest train`` runs and ``timeprest profile`` times unless told otherwise."""
+
+
 def get_method(name: str) -> Method:
     try:
         return METHODS[name]

@@ -24,12 +24,11 @@ import torch
 from torch import Tensor, nn
 
 from timeprest.errors import ConfigError, MultipleSequenceWarning, ShapeError
+from timeprest.policy.methods import DEFAULT_METHOD
 from timeprest.sim.costmodel import CostModel, StageCost
 from timeprest.stage import sync_device
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
-DEFAULT_METHOD = "i-timeprest"
-"""The method whose engine path :func:`profile_stages` times unless told otherwise."""
 OptimizerFactory = Callable[[list[nn.Parameter]], torch.optim.Optimizer]
 
 
