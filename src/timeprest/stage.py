@@ -32,7 +32,7 @@ from timeprest.policy.plan import StagePlan
 from timeprest.policy.rules import Policy
 from timeprest.report import StageStep
 from timeprest.schedule.actions import Action
-from timeprest.versions import VersionStore, tensor_bytes
+from timeprest.versions import VersionStore, optimizer_state_bytes, tensor_bytes
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
 OptimizerFactory = Callable[[list[nn.Parameter]], torch.optim.Optimizer]
@@ -473,11 +473,4 @@ class StageRunner:
 
     # -- figures -----------------------------------------------------------------
     def optimizer_state_bytes(self) -> int:
-        if self.optimizer is None:
-            return 0
-        total = 0
-        for state in self.optimizer.state.values():
-            for v in state.values():
-                if isinstance(v, Tensor):
-                    total += v.numel() * v.element_size()
-        return total
+        return optimizer_state_bytes(self.optimizer)

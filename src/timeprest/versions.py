@@ -17,6 +17,15 @@ def tensor_bytes(tensors: list[Tensor]) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)
 
 
+def optimizer_state_bytes(optimizer: torch.optim.Optimizer | None) -> int:
+    """Bytes of the tensors an optimizer keeps (momentum, Adam moments, step counts)."""
+    if optimizer is None:
+        return 0
+    return tensor_bytes(
+        [v for state in optimizer.state.values() for v in state.values() if isinstance(v, Tensor)]
+    )
+
+
 class VersionStore:
     """Weight versions of one stage.
 

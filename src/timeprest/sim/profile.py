@@ -27,6 +27,7 @@ from timeprest.errors import ConfigError, MultipleSequenceWarning, ShapeError
 from timeprest.policy.methods import DEFAULT_METHOD
 from timeprest.sim.costmodel import CostModel, StageCost
 from timeprest.stage import sync_device
+from timeprest.versions import optimizer_state_bytes
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
 OptimizerFactory = Callable[[list[nn.Parameter]], torch.optim.Optimizer]
@@ -240,9 +241,7 @@ def _optimizer_state_bytes(
     for p in copies:
         p.grad = torch.full_like(p, 1e-3)
     opt.step()
-    return sum(
-        _nbytes(v) for st in opt.state.values() for v in st.values() if isinstance(v, Tensor)
-    )
+    return optimizer_state_bytes(opt)
 
 
 def _engine_times(
