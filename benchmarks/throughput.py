@@ -12,8 +12,11 @@ In one run, interleaved over several rounds (medians reported):
   after each;
 - the bound ``micro-batch size / max_s (F_s + B_s)``: each stage's forward
   and backward of one micro-batch timed in isolation (plain autograd, both
-  processes at once, no communication, no update), measured again in every
-  round because the machine's load may drift;
+  processes at once, no communication, no update), measured before the
+  first run of a round and again after every run, because the machine's
+  load drifts; each run is held against the mean of the two measurements
+  around it. The order of the methods turns by one every round, so that
+  none always runs first or last;
 - the simulator's prediction for each of our methods: in every round both
   processes profile the two stages at once with
   ``timeprest.sim.profile.profile_stages(method=...)`` right before each
@@ -257,15 +260,25 @@ def worker(rank: int, args: argparse.Namespace, port: int) -> None:
     profiles: dict[str, list[list[Any]]] = {name: [] for name in methods if name in OURS}
     template: CostModel | None = None
     steady: dict[str, list[float]] = {name: [] for name in methods if name in OURS}
-    for _ in range(args.rounds):
-        # the bound is measured in every round too: the machine's load may drift
+    # per method, per round: the bound around its run (samples/s)
+    bounds: dict[str, list[float]] = {name: [] for name in methods}
+
+    def isolated() -> float:
+        """Both processes time their stage at once; the slower stage's F + B, in seconds."""
         barrier_time()
-        mine = isolated_stage_time(base, rank, m, width)
         both: list[Any] = [None] * W
-        dist.all_gather_object(both, mine)
+        dist.all_gather_object(both, isolated_stage_time(base, rank, m, width))
         stage_times.append(both)
+        return max(f + b for f, b in both)
+
+    for r in range(args.rounds):
         links.append(link_between(1 - rank, m * width * 4, first=rank == 0))
-        for name in methods:  # interleaved, so drifting load hits every method alike
+        # the order turns every round, so that no method always runs first or last
+        order = methods[r % len(methods) :] + methods[: r % len(methods)]
+        # the bound is measured between every two runs (the machine's load drifts); a
+        # run is held against the mean of the measurements just before and after it
+        before = isolated()
+        for name in order:
             if name in profiles:  # the simulator's profile right before the run it predicts
                 barrier_time()  # both processes at once, like the runs
                 nn_ = 1 if name == "pipedream" else n
@@ -289,8 +302,11 @@ def worker(rank: int, args: argparse.Namespace, port: int) -> None:
                 st: list[Any] = [None] * W
                 dist.all_gather_object(st, runners[name].stamps)
                 steady[name].append(steady_interval(st[W - 1]))
+            after = isolated()
+            bounds[name].append(m / ((before + after) / 2))
+            before = after
     if rank == 0:
-        report(args, stage_times, rates, cpu, load)
+        report(args, stage_times, bounds, rates, cpu, load)
         assert template is not None
         predict(args, profiles, template, links, rates, steady)
     dist.destroy_process_group()
@@ -299,13 +315,13 @@ def worker(rank: int, args: argparse.Namespace, port: int) -> None:
 def report(
     args: argparse.Namespace,
     stage_times: list[list[tuple[float, float]]],
+    bounds: dict[str, list[float]],
     rates: dict[str, list[float]],
     cpu: dict[str, list[list[float]]],
     load: float,
 ) -> None:
     m = args.micro_batch
-    bounds = [m / max(f + b for f, b in round_times) for round_times in stage_times]
-    bound = statistics.median(bounds)
+    points = [m / max(f + b for f, b in both) for both in stage_times]
     cpu_name = "?"
     try:
         with open("/proc/cpuinfo") as info:
@@ -331,26 +347,31 @@ def report(
         b = statistics.median(t[s][1] for t in stage_times)
         print(f"stage {s} in isolation: F {f * 1e3:.2f} ms, B {b * 1e3:.2f} ms per micro-batch")
     print(
-        f"bound m / max_s(F_s+B_s): {bound:,.0f} samples/s (rounds: "
-        + " ".join(f"{x:,.0f}" for x in bounds)
-        + ")"
+        f"bound m / max_s(F_s+B_s), measured before the first run and after every run: "
+        f"median {statistics.median(points):,.0f} samples/s, range {min(points):,.0f} to "
+        f"{max(points):,.0f} over {len(points)} measurements"
     )
-    print("ratios are medians over rounds of per-round ratios")
+    print(
+        "each run is held against the mean of the two bound measurements around it; "
+        "ratios are medians over rounds of per-round ratios; the order of the methods "
+        "turns every round"
+    )
     print()
     theirs = rates.get("torch-1F1B")
     print(
-        f"{'method':<14}{'samples/s':>11}{'/ bound':>9}{'/ torch-1F1B':>14}"
+        f"{'method':<14}{'samples/s':>11}{'bound':>9}{'/ bound':>9}{'/ torch-1F1B':>14}"
         f"{'CPU ms/mb s0, s1':>18}  samples/s per round"
     )
     for name, rs in rates.items():
-        of_bound = statistics.median(r / b for r, b in zip(rs, bounds))
+        of_bound = statistics.median(r / b for r, b in zip(rs, bounds[name]))
         vs = f"{statistics.median(r / q for r, q in zip(rs, theirs)):.2f}x" if theirs else "-"
         rounds = " ".join(f"{x:,.0f}" for x in rs)
         used = ", ".join(
             f"{statistics.median(c[s] for c in cpu[name]) * 1e3:.1f}" for s in range(W)
         )
         print(
-            f"{name:<14}{statistics.median(rs):>11,.0f}{of_bound:>9.2f}{vs:>14}{used:>18}  {rounds}"
+            f"{name:<14}{statistics.median(rs):>11,.0f}{statistics.median(bounds[name]):>9,.0f}"
+            f"{of_bound:>9.2f}{vs:>14}{used:>18}  {rounds}"
         )
     sys.stdout.flush()
 
