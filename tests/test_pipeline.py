@@ -437,3 +437,54 @@ def test_lr_lambda_scales_each_update():
     stages = tanh_mlp_stages(2)
     make_pipe(stages, "1f1b", 2, lr_lambda=lambda t: factors[t]).train(batches)
     torch.testing.assert_close(flat(stages), flat(ref), rtol=1e-12, atol=1e-12)
+
+
+class _TiedStage(nn.Module):
+    """One Linear used twice and a second Linear holding the first one's weight."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(4, 4)
+        self.b = nn.Linear(4, 4)
+        self.b.weight = self.a.weight  # one Parameter under two names
+        self.twice = nn.Sequential(self.a, nn.Tanh(), self.a)  # one module at two places
+
+    def forward(self, x):
+        return torch.tanh(self.b(self.twice(x)))
+
+
+def tied_stages(w):
+    torch.manual_seed(3)
+    stages = [_TiedStage().double(), nn.Linear(4, 2).double()]
+    return stages if w == 2 else [nn.Sequential(*stages)]
+
+
+@pytest.mark.parametrize(
+    "method,w", [("gpipe", 2), ("1f1b", 2), ("pipedream", 1), ("i-timeprest", 1)]
+)
+def test_tied_weights_inside_a_stage_equal_plain_sgd(method, w):
+    """Every place a tied parameter is read gets the forward version (no live parameter
+    left in the graph): the methods that equal plain SGD still do, and the module holds
+    its own Parameters again afterwards."""
+    batches = regression_batches(num=4, rows=6)
+    ref = tied_stages(w)
+    ref_losses = plain_sgd(ref, batches)
+    stages = tied_stages(w)
+    losses = make_pipe(stages, method, 2 if w == 2 else 1).train(batches)
+    assert losses == pytest.approx(ref_losses, rel=1e-12, abs=1e-12)
+    torch.testing.assert_close(flat(stages), flat(ref), rtol=1e-12, atol=1e-12)
+    tied = stages[0] if w == 2 else stages[0][0]
+    assert isinstance(tied.a.weight, nn.Parameter) and tied.b.weight is tied.a.weight
+    assert tied.twice[0] is tied.a
+
+
+def test_parameters_are_restored_when_a_forward_fails():
+    stages = tanh_mlp_stages(2)
+    pipe = make_pipe(stages, "v-timeprest", 2)
+    before = [id(p) for m in stages for p in m.parameters()]
+    bad = [(torch.randn(4, 3, dtype=torch.float64), torch.randn(4, 2, dtype=torch.float64))]
+    with pytest.raises(timeprest.errors.ShapeError):
+        pipe.train(bad)
+    after = list(stages[0].parameters()) + list(stages[1].parameters())
+    assert [id(p) for p in after] == before
+    assert all(isinstance(p, nn.Parameter) for p in after)

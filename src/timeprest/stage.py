@@ -5,8 +5,10 @@ gradients between stages; the numerics live here, so the emulator and the
 distributed runtime compute bitwise the same thing.
 
 How a backward reads other weights than its forward (DESIGN section 5): the
-forward runs the stage with :func:`torch.func.functional_call` on fresh leaf
-tensors that hold the forward version. While it runs, a
+forward runs the stage's module with its parameters swapped for fresh leaf
+tensors that hold the forward version (what :func:`torch.func.functional_call`
+does, with the parameter slots found once instead of at every call). While it
+runs, a
 ``saved_tensors_hooks`` pair replaces every saved tensor that lives in one of
 those weight tensors with a token; at the backward the token unpacks to the
 same view of the *backward* weights. So ``dW = delta^T x`` uses the saved
@@ -25,7 +27,6 @@ from typing import Any, Protocol
 
 import torch
 from torch import Tensor, nn
-from torch.func import functional_call
 
 from timeprest.errors import NonFiniteLossError, ShapeError
 from timeprest.policy.plan import StagePlan
@@ -79,6 +80,22 @@ class SplitBatches:
     def fraction(self, t: int, j: int) -> float:
         x = self._batches[t][0]
         return int(torch.tensor_split(x, self._n)[j].shape[0]) / int(x.shape[0])
+
+
+def parameter_slots(
+    module: nn.Module, params: Sequence[Tensor]
+) -> list[list[tuple[nn.Module, str]]]:
+    """For each of ``params``, every (submodule, name) that holds it (tied weights hold one twice)."""
+    index = {id(p): i for i, p in enumerate(params)}
+    slots: list[list[tuple[nn.Module, str]]] = [[] for _ in params]
+    seen: set[tuple[int, str]] = set()
+    for _, mod in module.named_modules(remove_duplicate=False):
+        for name, p in mod._parameters.items():
+            i = index.get(id(p))
+            if i is not None and (id(mod), name) not in seen:
+                seen.add((id(mod), name))
+                slots[i].append((mod, name))
+    return slots
 
 
 def microbatch_seed(seed: int, stage: int, t: int, j: int) -> int:
@@ -136,6 +153,7 @@ class StageRunner:
         named = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
         self.names = [n for n, _ in named]
         self.params = [p for _, p in named]
+        self._slots = parameter_slots(module, self.params)
         self.store = VersionStore(self.params)
         self.optimizer: torch.optim.Optimizer | None = (
             optimizer(self.params) if self.params else None
@@ -237,7 +255,17 @@ class StageRunner:
         return ctx()
 
     def _call(self, weights: list[Tensor], x: Tensor) -> Tensor:
-        return functional_call(self.module, dict(zip(self.names, weights)), (x,), strict=False)
+        """The module on ``x`` with ``weights`` in place of its parameters (restored after)."""
+        try:
+            for slots, w in zip(self._slots, weights):
+                for mod, name in slots:
+                    mod._parameters[name] = w  # type: ignore[assignment]
+            out: Tensor = self.module(x)
+        finally:
+            for slots, p in zip(self._slots, self.params):
+                for mod, name in slots:
+                    mod._parameters[name] = p
+        return out
 
     def _forward(self, t: int, j: int, transport: Transport, batches: Batches) -> None:
         assert self.plan is not None
