@@ -1,0 +1,156 @@
+"""What the engine costs on top of plain autograd, per method, in one process.
+
+The emulator runs every stage in this process, one action after another, so
+its time per micro-batch is the model's forward, backward and update plus
+whatever the engine adds: weight versions (stash copies, the intermediate
+weight), the saved-tensor hooks, ``functional_call``, the relative-distance
+report, the schedule walk and the mailbox. A plain training loop over the
+same micro-batches (forward, backward, one optimizer step per mini-batch;
+for ``pipedream`` one per micro-batch, as that method updates) does the
+same arithmetic without any of it. Both run interleaved over several rounds
+on copies of the same weights; the ratio engine / plain is reported per
+round and as a median.
+
+Run::
+
+    python benchmarks/engine_overhead.py
+    python benchmarks/engine_overhead.py --stages 4 --width 256 --micro-batch 128
+
+One intra-op thread by default (as the distributed runtime uses per
+process); on a shared machine look at the per-round ratios, not at one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import platform
+import statistics
+import time
+import warnings
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+import timeprest
+from timeprest.errors import MultipleSequenceWarning
+from timeprest.policy.methods import METHODS
+
+
+def parse() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--stages", type=int, default=2, help="W")
+    p.add_argument("--width", type=int, default=512, help="features of every layer")
+    p.add_argument("--layers", type=int, default=3, help="Linear+ReLU layers per stage")
+    p.add_argument("--micro-batch", type=int, default=256, help="rows per micro-batch")
+    p.add_argument("--microbatches", type=int, default=2, help="N (pipedream: always 1)")
+    p.add_argument("--minibatches", type=int, default=24, help="mini-batches per timed run")
+    p.add_argument("--rounds", type=int, default=5, help="timed rounds (median reported)")
+    p.add_argument("--threads", type=int, default=1, help="intra-op threads")
+    p.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset")
+    return p.parse_args()
+
+
+def sgd(params: list[nn.Parameter]) -> torch.optim.Optimizer:
+    return torch.optim.SGD(params, lr=1e-4)
+
+
+class Plain:
+    """A plain loop: N micro-batches accumulated, then one step, per mini-batch."""
+
+    def __init__(self, stages: list[nn.Module], n: int) -> None:
+        self.model = nn.Sequential(*copy.deepcopy(stages))
+        self.opt = sgd(list(self.model.parameters()))
+        self.n = n
+
+    def __call__(self, batches: list[tuple[Tensor, Tensor]]) -> None:
+        for x, y in batches:
+            for xj, yj in zip(torch.tensor_split(x, self.n), torch.tensor_split(y, self.n)):
+                out = self.model(xj.clone())
+                loss = nn.functional.mse_loss(out, yj.clone()) * (xj.shape[0] / x.shape[0])
+                loss.backward()
+                float(loss.detach())
+            self.opt.step()
+            self.opt.zero_grad(set_to_none=True)
+
+
+class Engine:
+    """The emulator, built once (its schedule is cached after the warm-up call)."""
+
+    def __init__(self, stages: list[nn.Module], n: int, method: str) -> None:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", MultipleSequenceWarning)
+            self.pipe = timeprest.Pipeline(
+                copy.deepcopy(stages),
+                method=method,
+                num_microbatches=n,
+                optimizer=sgd,
+                loss_fn=nn.functional.mse_loss,
+            )
+
+    def __call__(self, batches: list[tuple[Tensor, Tensor]]) -> None:
+        self.pipe.train(batches)
+
+
+def main() -> None:
+    args = parse()
+    torch.set_num_threads(args.threads)
+    methods = [m for m in args.methods.split(",") if m]
+    for m in methods:
+        if m not in METHODS:
+            raise SystemExit(f"unknown method {m!r}; choose from {', '.join(METHODS)}")
+    torch.manual_seed(0)
+    w, m = args.width, args.micro_batch
+    base: list[nn.Module] = [
+        nn.Sequential(*[x for _ in range(args.layers) for x in (nn.Linear(w, w), nn.ReLU())])
+        for _ in range(args.stages)
+    ]
+    g = torch.Generator().manual_seed(0)
+
+    def data(n: int) -> list[tuple[Tensor, Tensor]]:
+        t = args.minibatches * args.microbatches // n  # the same micro-batches for every method
+        return [(torch.randn(n * m, w, generator=g), torch.randn(n * m, w, generator=g))] * t
+
+    runs: dict[str, tuple[Callable[[list[tuple[Tensor, Tensor]]], None], list[Any]]] = {}
+    for method in methods:
+        n = 1 if method == "pipedream" else args.microbatches
+        batches = data(n)
+        runs[f"plain/{method}"] = (Plain(base, n), batches)
+        runs[method] = (Engine(base, n, method), batches)
+    for fn, batches in runs.values():  # warm-up: allocator, first calls, the schedule
+        fn(batches)
+    times: dict[str, list[float]] = {k: [] for k in runs}
+    for _ in range(args.rounds):
+        for k, (fn, batches) in runs.items():  # each method right after its plain peer
+            t0 = time.perf_counter()
+            fn(batches)
+            times[k].append(time.perf_counter() - t0)
+
+    micro = args.minibatches * args.microbatches
+    print("== engine overhead: emulator vs a plain training loop, one process ==")
+    print(
+        f"torch {torch.__version__}, timeprest {timeprest.__version__}, python "
+        f"{platform.python_version()}, {os.cpu_count()} cores, {args.threads} intra-op thread(s), "
+        f"load average {os.getloadavg()[0]:.2f} at the end"
+    )
+    print(
+        f"model: W={args.stages} stages of {args.layers} x Linear({w},{w})+ReLU, float32, SGD; "
+        f"micro-batch {m} rows, N={args.microbatches} (pipedream: 1), {micro} micro-batches "
+        f"per timed run, {args.rounds} rounds; ratio = engine / plain, median of per-round ratios"
+    )
+    print(f"{'method':<14}{'plain ms/mb':>12}{'engine ms/mb':>14}{'ratio':>8}  ratio per round")
+    for method in methods:
+        p, e = times[f"plain/{method}"], times[method]
+        ratios = [b / a for a, b in zip(p, e)]
+        print(
+            f"{method:<14}{statistics.median(p) / micro * 1e3:>12.2f}"
+            f"{statistics.median(e) / micro * 1e3:>14.2f}{statistics.median(ratios):>8.3f}  "
+            + " ".join(f"{r:.3f}" for r in ratios)
+        )
+
+
+if __name__ == "__main__":
+    main()
