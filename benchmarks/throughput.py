@@ -192,8 +192,17 @@ class Ours:
 
     def run(self, batches: list[tuple[Tensor, Tensor]]) -> None:
         self.stamps = []
+        runner = self.pipe.runners[0]
+        runner.action_times, runner.recv_seconds = [], 0.0
         # on_loss is called live on the last rank: the time each mini-batch's loss is known
         self.pipe.train(batches, on_loss=self._stamp if self.last else None)
+        # seconds per micro-batch of this stage's F, B and U actions in the run, and of
+        # the waiting for a neighbour's message inside them
+        micro = sum(count for kind, _, count, _ in runner.action_times if kind == "B")
+        self.breakdown = tuple(
+            sum(sec for k, _, _, sec in runner.action_times if k == kind) / micro for kind in "FBU"
+        ) + (runner.recv_seconds / micro,)
+        runner.action_times = None
 
 
 class Theirs:
@@ -260,6 +269,8 @@ def worker(rank: int, args: argparse.Namespace, port: int) -> None:
     profiles: dict[str, list[list[Any]]] = {name: [] for name in methods if name in OURS}
     template: CostModel | None = None
     steady: dict[str, list[float]] = {name: [] for name in methods if name in OURS}
+    # per method, per round, per rank: (F, B, U, waiting) seconds per micro-batch in the run
+    breakdowns: dict[str, list[list[Any]]] = {name: [] for name in methods if name in OURS}
     # per method, per round: the bound around its run (samples/s)
     bounds: dict[str, list[float]] = {name: [] for name in methods}
 
@@ -299,6 +310,9 @@ def worker(rank: int, args: argparse.Namespace, port: int) -> None:
             dist.all_gather_object(used, (c1 - c0) / (t * n))
             cpu[name].append(used)
             if name in steady:
+                parts: list[Any] = [None] * W
+                dist.all_gather_object(parts, runners[name].breakdown)
+                breakdowns[name].append(parts)
                 st: list[Any] = [None] * W
                 dist.all_gather_object(st, runners[name].stamps)
                 steady[name].append(steady_interval(st[W - 1]))
@@ -309,6 +323,7 @@ def worker(rank: int, args: argparse.Namespace, port: int) -> None:
         report(args, stage_times, bounds, rates, cpu, load)
         assert template is not None
         predict(args, profiles, template, links, rates, steady)
+        where_time_goes(args, stage_times, breakdowns, rates)
     dist.destroy_process_group()
 
 
@@ -456,6 +471,39 @@ def predict(
             f"{statistics.median(steady[name]) * 1e3:>11.2f}{statistics.median(per_round):>13.2f}"
             "  " + " ".join(f"{r:.2f}" for r in per_round)
         )
+    sys.stdout.flush()
+
+
+def where_time_goes(
+    args: argparse.Namespace,
+    stage_times: list[list[tuple[float, float]]],
+    breakdowns: dict[str, list[list[Any]]],
+    rates: dict[str, list[float]],
+) -> None:
+    """Each stage's actions in our runs, per micro-batch, next to its F + B in isolation."""
+    m = args.micro_batch
+    print()
+    print("== where the time goes in our runs (ms per micro-batch, medians over rounds) ==")
+    print(
+        "F, B, U: this stage's actions as timed inside the run (F and B include waiting for "
+        "a neighbour's message); waiting: the receives' share of F and B; work: "
+        "F + B + U - waiting; period: wall time per micro-batch of the run"
+    )
+    iso = [statistics.median(t[s][0] + t[s][1] for t in stage_times) * 1e3 for s in range(W)]
+    print("isolated F + B: " + ", ".join(f"stage {s} {iso[s]:.2f}" for s in range(W)))
+    print(
+        f"{'method':<14}{'stage':>6}{'F':>8}{'B':>8}{'U':>7}{'waiting':>9}{'work':>8}"
+        f"{'work / isolated F+B':>21}{'period':>8}"
+    )
+    for name, rounds in breakdowns.items():
+        period = statistics.median(m / r for r in rates[name]) * 1e3
+        for s in range(W):
+            f, b, u, wait = (statistics.median(r[s][i] for r in rounds) * 1e3 for i in range(4))
+            work = statistics.median((sum(r[s][:3]) - r[s][3]) for r in rounds) * 1e3
+            print(
+                f"{name:<14}{s:>6}{f:>8.2f}{b:>8.2f}{u:>7.2f}{wait:>9.2f}{work:>8.2f}"
+                f"{work / iso[s]:>21.2f}{period:>8.2f}"
+            )
     sys.stdout.flush()
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import time
 import warnings
 
 import pytest
@@ -488,3 +489,28 @@ def test_parameters_are_restored_when_a_forward_fails():
     after = list(stages[0].parameters()) + list(stages[1].parameters())
     assert [id(p) for p in after] == before
     assert all(isinstance(p, nn.Parameter) for p in after)
+
+
+def test_receive_waits_are_counted_while_actions_are_timed(monkeypatch):
+    """recv_seconds adds up the time spent in the transport's receives, only while
+    action_times is set: stage 1 receives 3 x 2 activations, stage 0 as many gradients."""
+    from timeprest.engine.emulator import MailboxTransport
+
+    def slow(recv):
+        def wrapped(self, stage, t, j):
+            time.sleep(0.005)
+            return recv(self, stage, t, j)
+
+        return wrapped
+
+    monkeypatch.setattr(MailboxTransport, "recv_activation", slow(MailboxTransport.recv_activation))
+    monkeypatch.setattr(MailboxTransport, "recv_grad", slow(MailboxTransport.recv_grad))
+    pipe = make_pipe(tanh_mlp_stages(2), "v-timeprest", 2)
+    pipe.train(regression_batches(num=3))
+    assert [r.recv_seconds for r in pipe.runners] == [0.0, 0.0]
+    for r in pipe.runners:
+        r.action_times = []
+    pipe.train(regression_batches(num=3))
+    for r in pipe.runners:
+        assert 6 * 0.005 <= r.recv_seconds
+        assert r.recv_seconds <= sum(sec for *_, sec in r.action_times)

@@ -182,6 +182,9 @@ class StageRunner:
         # (kind, mini-batch, micro-batches, seconds) of every action run while a
         # list is set here (the profiler's timing; device work is waited for)
         self.action_times: list[tuple[str, int, int, float]] | None = None
+        # seconds spent inside the transport's receives, while action_times is set (the
+        # share of the action times above that was waiting for a neighbour)
+        self.recv_seconds = 0.0
 
     @property
     def is_first(self) -> bool:
@@ -236,6 +239,14 @@ class StageRunner:
                 )
             )
 
+    def _timed_recv(self, recv: Callable[[int, int, int], Tensor], t: int, j: int) -> Tensor:
+        if self.action_times is None:
+            return recv(self.index, t, j)
+        t0 = time.perf_counter()
+        out = recv(self.index, t, j)
+        self.recv_seconds += time.perf_counter() - t0
+        return out
+
     # -- forward ---------------------------------------------------------------
     def _rng(self, t: int, j: int) -> contextlib.AbstractContextManager[Any]:
         cuda = self.device.type == "cuda"
@@ -272,7 +283,7 @@ class StageRunner:
         if self.is_first:
             x = batches.input(t, j).to(self.device, non_blocking=True)
         else:
-            x = transport.recv_activation(self.index, t, j).detach().requires_grad_()
+            x = self._timed_recv(transport.recv_activation, t, j).detach().requires_grad_()
         v = self.base_version + self.plan.forward_version[(t, j)]
         weights = self.store.get(v)
         target = batches.target(t, j).to(self.device, non_blocking=True) if self.is_last else None
@@ -406,7 +417,7 @@ class StageRunner:
             self._bw_cache[v] = cached
         weights, transient, dist = cached
         self.store.observe(transient)
-        grad_out = None if self.is_last else transport.recv_grad(self.index, t, j)
+        grad_out = None if self.is_last else self._timed_recv(transport.recv_grad, t, j)
         want_dx = not self.is_first
         if self.policy.grad_rule == "recompute":
             grads, dx = self._recompute_grads(saved, weights, grad_out, t, j, want_dx)
