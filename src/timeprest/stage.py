@@ -150,9 +150,7 @@ class StageRunner:
         self.policy = policy
         self.loss_fn = loss_fn
         self.seed = seed
-        named = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
-        self.names = [n for n, _ in named]
-        self.params = [p for _, p in named]
+        self.params = [p for p in module.parameters() if p.requires_grad]
         self._slots = parameter_slots(module, self.params)
         self.store = VersionStore(self.params)
         self.optimizer: torch.optim.Optimizer | None = (
