@@ -139,44 +139,23 @@ def _agreement_checks(rank: int, world: int, opts: RuntimeOptions) -> dict[str, 
         except TimeprestError as exc:
             errors[name] = f"{type(exc).__name__}: {exc}"
 
-    attempt(
-        "world",
-        lambda: timeprest.Pipeline(
-            [make_stage(s, 3, torch.float64) for s in range(3)],
+    def pipe(stages=None, **extra) -> timeprest.Pipeline:
+        return timeprest.Pipeline(
+            stages if stages is not None else lambda s: make_stage(s, world, torch.float64),
             engine="distributed",
             runtime=opts,
             **kw,
-        ),
-    )
-    attempt(
-        "seed",
-        lambda: timeprest.Pipeline(
-            lambda s: make_stage(s, world, torch.float64),
-            engine="distributed",
-            runtime=opts,
-            seed=rank,
-            **kw,
-        ).train(make_batches(torch.float64)),
-    )
+            **extra,
+        )
+
+    attempt("world", lambda: pipe([make_stage(s, 3, torch.float64) for s in range(3)]))
+    attempt("seed", lambda: pipe(seed=rank).train(make_batches(torch.float64)))
     attempt(
         "data",
-        lambda: timeprest.Pipeline(
-            lambda s: make_stage(s, world, torch.float64),
-            engine="distributed",
-            runtime=opts,
-            **kw,
-        ).train(make_batches(torch.float64, rows=(7, 7) if rank == 0 else (7, 7, 7))),
+        lambda: pipe().train(make_batches(torch.float64, rows=(7, 7) if rank == 0 else (7, 7, 7))),
     )
     # the group still works after agreed errors
-    attempt(
-        "after",
-        lambda: timeprest.Pipeline(
-            lambda s: make_stage(s, world, torch.float64),
-            engine="distributed",
-            runtime=opts,
-            **kw,
-        ).train(make_batches(torch.float64)),
-    )
+    attempt("after", lambda: pipe().train(make_batches(torch.float64)))
     return errors
 
 
