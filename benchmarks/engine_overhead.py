@@ -111,7 +111,7 @@ def main() -> None:
     g = torch.Generator().manual_seed(0)
 
     def data(n: int) -> list[tuple[Tensor, Tensor]]:
-        t = args.minibatches * args.microbatches // n  # the same micro-batches for every method
+        t = args.minibatches * args.microbatches // n  # as many micro-batches for every method
         return [(torch.randn(n * m, w, generator=g), torch.randn(n * m, w, generator=g))] * t
 
     runs: dict[str, tuple[Callable[[list[tuple[Tensor, Tensor]]], None], list[Any]]] = {}
