@@ -5,6 +5,7 @@ predecessor TiMePReSt, and GPipe, 1F1B, PipeDream and PipeDream-2BW on one
 engine. See DESIGN.md for the semantics.
 """
 
+from timeprest._version import __version__
 from timeprest.errors import (
     ConfigError,
     DataError,
@@ -18,8 +19,6 @@ from timeprest.pipeline import Pipeline
 from timeprest.policy import METHODS, Policy, Significance, method_names
 from timeprest.report import Report
 from timeprest.schedule import Action, Costs, Schedule, build_schedule
-
-__version__ = "0.1.0"
 
 __all__ = [
     "METHODS",

@@ -16,7 +16,11 @@ from timeprest.policy.rules import (
     Significance,
     make_significance,
 )
-from timeprest.schedule.builders import SCHEDULE_KINDS, multiple_sequence_message
+from timeprest.schedule.builders import (
+    SCHEDULE_KINDS,
+    check_schedule_size,
+    multiple_sequence_message,
+)
 
 
 @dataclass(frozen=True)
@@ -131,3 +135,63 @@ def warn_multiple_sequence(
             MultipleSequenceWarning,
             stacklevel=stacklevel,
         )
+
+
+def default_microbatches(method: str, num_stages: int) -> int:
+    """N when none is given: the method's own (PipeDream: 1), else W."""
+    return get_method(method).default_microbatches or num_stages
+
+
+@dataclass(frozen=True)
+class Resolved:
+    """A method with its overrides applied and every constraint checked, for W stages."""
+
+    method: Method
+    schedule: str
+    policy: Policy
+    num_stages: int
+    num_microbatches: int
+
+
+def resolve(
+    method: str,
+    num_stages: int,
+    num_microbatches: int | None = None,
+    *,
+    schedule: str | None = None,
+    forward: str | None = None,
+    backward: str | None = None,
+    grad_rule: str | None = None,
+    significance: str | Callable[[int], float] | Significance | None = None,
+    decay: float | None = None,
+    warn: bool = True,
+    stacklevel: int = 3,
+) -> Resolved:
+    """The one place that turns (method, W, N, overrides) into a checked configuration.
+
+    ``Pipeline``, ``timeprest train``, ``schedule``, ``profile``, ``simulate`` and
+    ``compare`` all call it, so they resolve the same N and the same schedule for the
+    same flags. Raises :class:`ConfigError` for a bad combination; warns (when ``warn``)
+    about the multiple-sequence problem.
+    """
+    m = get_method(method)
+    if not isinstance(num_stages, int) or isinstance(num_stages, bool) or num_stages < 1:
+        raise ConfigError(f"the number of stages must be an integer >= 1, got {num_stages!r}")
+    kind, pol = resolve_policy(
+        method,
+        schedule=schedule,
+        forward=forward,
+        backward=backward,
+        grad_rule=grad_rule,
+        significance=significance,
+        decay=decay,
+    )
+    n = default_microbatches(method, num_stages) if num_microbatches is None else num_microbatches
+    if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+        raise ConfigError(f"num_microbatches must be an integer >= 1, got {n!r}")
+    check_schedule_size(kind, num_stages, n)
+    if pol.forward == "previous" and kind != "2bw":
+        raise ConfigError("forward rule 'previous' needs the 2bw schedule (version t-1 must exist)")
+    if warn:
+        warn_multiple_sequence(m.name, kind, num_stages, n, stacklevel=stacklevel + 1)
+    return Resolved(m, kind, pol, num_stages, n)

@@ -72,6 +72,15 @@ def multiple_sequence_message(num_stages: int, num_microbatches: int) -> str:
     )
 
 
+def check_schedule_size(kind: str, num_stages: int, num_microbatches: int) -> None:
+    """The one size rule of the schedule kinds: 2bw needs N >= W (its double buffer)."""
+    if kind == "2bw" and num_microbatches < num_stages:
+        raise ConfigError(
+            f"2bw needs at least as many micro-batches as stages (N >= W), got "
+            f"N={num_microbatches}, W={num_stages}: use --microbatches {num_stages} or more"
+        )
+
+
 def backward_unit_of(kind: str) -> BackwardUnit:
     return "minibatch" if kind == "nf1b" else "microbatch"
 
@@ -220,11 +229,7 @@ def build_schedule(
     _check_sizes(num_stages, num_microbatches, num_minibatches)
     c = resolve_costs(costs, num_stages)
     w, n, tc = num_stages, num_microbatches, num_minibatches
-    if kind == "2bw" and n < w:
-        raise ConfigError(
-            f"2bw needs at least as many micro-batches as stages (N >= W), got N={n}, W={w}: "
-            f"use --microbatches {w} or more"
-        )
+    check_schedule_size(kind, w, n)
     if kind == "nf1b" and n < w - 1 and warn:
         warnings.warn(multiple_sequence_message(w, n), MultipleSequenceWarning, stacklevel=2)
     unit = backward_unit_of(kind)
