@@ -29,7 +29,7 @@ from timeprest.policy import get_method
 from timeprest.sim import simulate
 from timeprest.sim.costmodel import CostModel
 from timeprest.sim.profile import profile_stages
-from timeprest.split import split
+from timeprest.splitting import split
 
 
 def kib(n: float) -> str:

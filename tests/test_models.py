@@ -11,7 +11,7 @@ from torch import nn
 from timeprest.data import load_dataset, make_batches
 from timeprest.errors import ConfigError, DataError
 from timeprest.models import MODEL_NAMES, build_model
-from timeprest.split import split
+from timeprest.splitting import split
 
 
 @pytest.mark.parametrize(

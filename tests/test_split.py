@@ -10,9 +10,9 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-import timeprest.split as split_mod
+import timeprest.splitting.partition as split_mod
 from timeprest.errors import ConfigError
-from timeprest.split import (
+from timeprest.splitting import (
     LayerTiming,
     SplitPlan,
     apply_plan,

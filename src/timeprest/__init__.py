@@ -44,7 +44,7 @@ __all__ = [
 
 def __getattr__(name: str):  # split lives with the front end and imports more
     if name == "split":
-        from timeprest.split import split
+        from timeprest.splitting import split
 
         return split
     raise AttributeError(f"module 'timeprest' has no attribute {name!r}")

@@ -265,7 +265,7 @@ def _measure_split(cfg: TrainConfig) -> list[int]:
 
     from timeprest.data import load_dataset
     from timeprest.models import build_model
-    from timeprest.split import plan_split
+    from timeprest.splitting import plan_split
 
     if cfg.threads is not None:
         torch.set_num_threads(cfg.threads)

@@ -28,6 +28,7 @@ from typing import Any, Protocol
 import torch
 from torch import Tensor, nn
 
+from timeprest.device import sync_device
 from timeprest.errors import NonFiniteLossError, ShapeError
 from timeprest.policy.plan import StagePlan
 from timeprest.policy.rules import Policy
@@ -116,14 +117,6 @@ class _Saved:
     backward_weights: list[Tensor] = field(default_factory=list)
     target: Tensor | None = None
     fraction: float = 1.0
-
-
-def sync_device(dev: torch.device) -> None:
-    """Wait for the device's queued work, so that wall-clock times cover it."""
-    if dev.type == "cuda":
-        torch.cuda.synchronize(dev)
-    elif dev.type == "mps":
-        torch.mps.synchronize()
 
 
 class StageRunner:

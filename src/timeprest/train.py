@@ -538,7 +538,7 @@ def run_training(
     """Train as ``cfg`` says; write the run directory; return the summary."""
     from timeprest.data import load_dataset, make_batches
     from timeprest.models import build_model
-    from timeprest.split import apply_plan, plan_split
+    from timeprest.splitting import apply_plan, plan_split
     from timeprest.tensorboard import EpochWriter
 
     cfg.validate()

@@ -103,7 +103,7 @@ def _front_end() -> tuple[Any, Any, Any]:
     try:
         models = importlib.import_module("timeprest.models")
         data = importlib.import_module("timeprest.data")
-        split = importlib.import_module("timeprest.split")
+        split = importlib.import_module("timeprest.splitting")
     except ModuleNotFoundError as exc:
         raise ConfigError(
             f"`timeprest profile` needs {exc.name}, which this installation lacks; "

@@ -156,7 +156,7 @@ def _train_rank(
     from timeprest.data import load_dataset, make_batches
     from timeprest.files import write_json
     from timeprest.models import build_model
-    from timeprest.split import apply_plan, plan_split
+    from timeprest.splitting import apply_plan, plan_split
     from timeprest.train import (
         Progress,
         RunResult,

@@ -23,10 +23,10 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from timeprest.device import sync_device
 from timeprest.errors import ConfigError, MultipleSequenceWarning, ShapeError
 from timeprest.policy.methods import DEFAULT_METHOD
 from timeprest.sim.costmodel import CostModel, StageCost
-from timeprest.stage import sync_device
 from timeprest.versions import optimizer_state_bytes
 
 LossFn = Callable[[Tensor, Tensor], Tensor]

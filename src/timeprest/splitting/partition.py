@@ -38,8 +38,8 @@ import torch
 import torch.fx
 from torch import Tensor, nn
 
+from timeprest.device import sync_device
 from timeprest.errors import ConfigError
-from timeprest.stage import sync_device
 
 Balance = Literal["time", "params"] | Sequence[int]
 
