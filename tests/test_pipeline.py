@@ -1,4 +1,4 @@
-"""The emulator against plain SGD and a hand-written delayed-gradient reference (DESIGN 9)."""
+"""The emulator against plain SGD and a hand-written delayed-gradient reference (docs/design.md section 9)."""
 
 from __future__ import annotations
 
@@ -494,17 +494,16 @@ def test_parameters_are_restored_when_a_forward_fails():
 def test_receive_waits_are_counted_while_actions_are_timed(monkeypatch):
     """recv_seconds adds up the time spent in the transport's receives, only while
     action_times is set: stage 1 receives 3 x 2 activations, stage 0 as many gradients."""
-    from timeprest.engine.emulator import MailboxTransport
+    from timeprest.engine.emulator import CheckingMailbox
 
     def slow(recv):
-        def wrapped(self, stage, t, j):
+        def wrapped(self, op):
             time.sleep(0.005)
-            return recv(self, stage, t, j)
+            return recv(self, op)
 
         return wrapped
 
-    monkeypatch.setattr(MailboxTransport, "recv_activation", slow(MailboxTransport.recv_activation))
-    monkeypatch.setattr(MailboxTransport, "recv_grad", slow(MailboxTransport.recv_grad))
+    monkeypatch.setattr(CheckingMailbox, "recv", slow(CheckingMailbox.recv))
     pipe = make_pipe(tanh_mlp_stages(2), "v-timeprest", 2)
     pipe.train(regression_batches(num=3))
     assert [r.recv_seconds for r in pipe.runners] == [0.0, 0.0]

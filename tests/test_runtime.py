@@ -23,7 +23,6 @@ from torch import nn
 
 import timeprest
 from helpers import init_group, spawn
-from timeprest.engine import runtime as runtime_module
 from timeprest.engine.runtime import (
     RuntimeOptions,
     StageFailure,
@@ -31,6 +30,7 @@ from timeprest.engine.runtime import (
     plan_messages,
     stage_events,
 )
+from timeprest.engine.runtime import group as runtime_module
 from timeprest.errors import ConfigError, DataError, TimeprestError
 from timeprest.schedule import build_schedule
 

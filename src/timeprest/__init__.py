@@ -2,7 +2,7 @@
 
 Implements V-TiMePReSt and I-TiMePReSt (Dutta, Chaki, De, 2025), their
 predecessor TiMePReSt, and GPipe, 1F1B, PipeDream and PipeDream-2BW on one
-engine. See DESIGN.md for the semantics.
+engine. See docs/design.md for the semantics.
 """
 
 from timeprest._version import __version__

@@ -28,16 +28,18 @@ import hashlib
 import json
 import os
 import random
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, TypeVar
 
 import torch
 
+from timeprest._version import __version__
 from timeprest.errors import ConfigError
+from timeprest.stage import StageRunner
 
-if TYPE_CHECKING:
-    from timeprest.pipeline import Pipeline
-    from timeprest.stage import StageRunner
+T = TypeVar("T")
+Agreed = Callable[[str, Callable[[], Any]], Any]
 
 FORMAT = "timeprest-checkpoint"
 FORMAT_VERSION = 1
@@ -46,14 +48,6 @@ MANIFEST = "manifest.json"
 
 def stage_file(stage: int) -> str:
     return f"stage{stage}.pt"
-
-
-def pipeline_config(pipe: Pipeline) -> dict[str, Any]:
-    """What a checkpoint must agree on with the pipeline that loads it (not the engine)."""
-    c = pipe.costs
-    config = {k: v for k, v in pipe.describe().items() if k != "engine"}
-    config["costs_values"] = [list(c.forward), list(c.backward), list(c.update), list(c.comm)]
-    return config
 
 
 def config_hash(config: dict[str, Any]) -> str:
@@ -119,58 +113,68 @@ def stage_state(runner: StageRunner, minibatches_done: int) -> dict[str, Any]:
     }
 
 
-def _check_drained(pipe: Pipeline) -> None:
-    for r in pipe.runners:
+def _check_drained(runners: Sequence[StageRunner], minibatches_done: int) -> None:
+    for r in runners:
         # one update per mini-batch at every stage: a train() that failed part-way
         # leaves a stage ahead of the cursor, and such a state cannot be resumed
-        if r.store.latest != pipe.minibatches_done:
+        if r.store.latest != minibatches_done:
             raise ConfigError(
                 f"stage {r.index} has applied {r.store.latest} updates but the pipeline "
-                f"completed {pipe.minibatches_done} mini-batches (a train() call failed "
+                f"completed {minibatches_done} mini-batches (a train() call failed "
                 "part-way?): only a drained pipeline can be checkpointed"
             )
 
 
-def _manifest(pipe: Pipeline) -> dict[str, Any]:
-    import timeprest
-
-    config = pipeline_config(pipe)
+def _manifest(config: dict[str, Any], num_stages: int, minibatches_done: int) -> dict[str, Any]:
     return {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
         "config": config,
         "config_hash": config_hash(config),
-        "num_stages": pipe.num_stages,
-        "minibatches_done": pipe.minibatches_done,
-        "stages": [stage_file(s) for s in range(pipe.num_stages)],
-        "timeprest": timeprest.__version__,
+        "num_stages": num_stages,
+        "minibatches_done": minibatches_done,
+        "stages": [stage_file(s) for s in range(num_stages)],
+        "timeprest": __version__,
         "torch": torch.__version__,
     }
 
 
-def save_checkpoint(pipe: Pipeline, directory: str | os.PathLike[str]) -> Path:
-    """Write ``pipe``'s stage files (the ones this process runs), then the manifest."""
+def _local(what: str, fn: Callable[[], T]) -> T:
+    return fn()
+
+
+def save_checkpoint(
+    runners: Sequence[StageRunner],
+    minibatches_done: int,
+    config: dict[str, Any],
+    num_stages: int,
+    directory: str | os.PathLike[str],
+    *,
+    agreed: Agreed = _local,
+) -> Path:
+    """Write the stage files of ``runners`` (the stages this process runs), then the manifest.
+
+    ``config`` is what a loading pipeline must match; ``agreed(what, fn)`` runs a step
+    so that a failure in any process fails every process (the engine's; by default
+    the step just runs).
+    """
     d = Path(directory)
 
     def write_stages() -> None:
-        _check_drained(pipe)
+        _check_drained(runners, minibatches_done)
         d.mkdir(parents=True, exist_ok=True)
-        for r in pipe.runners:
-            state = stage_state(r, pipe.minibatches_done)
+        for r in runners:
+            state = stage_state(r, minibatches_done)
             atomic_write(d / stage_file(r.index), lambda f, st=state: torch.save(st, f))
 
     def write_manifest() -> None:
-        text = json.dumps(_manifest(pipe), indent=2, sort_keys=True) + "\n"
+        manifest = _manifest(config, num_stages, minibatches_done)
+        text = json.dumps(manifest, indent=2, sort_keys=True) + "\n"
         atomic_write(d / MANIFEST, lambda f: f.write(text.encode()))
 
-    runtime = pipe._runtime
-    if runtime is None:
-        write_stages()
-        write_manifest()
-    else:
-        # the manifest must not name files that another rank failed to write
-        runtime.agreed("saving the checkpoint", write_stages)
-        runtime.agreed("writing the checkpoint manifest", write_manifest)
+    # the manifest must not name files that another process failed to write
+    agreed("saving the checkpoint", write_stages)
+    agreed("writing the checkpoint manifest", write_manifest)
     return d
 
 
@@ -193,8 +197,7 @@ def read_manifest(directory: str | os.PathLike[str]) -> dict[str, Any]:
     return manifest
 
 
-def _check_config(pipe: Pipeline, manifest: dict[str, Any], directory: Path) -> None:
-    config = pipeline_config(pipe)
+def _check_config(config: dict[str, Any], manifest: dict[str, Any], directory: Path) -> None:
     if manifest["config_hash"] == config_hash(config):
         return
     saved = manifest["config"]
@@ -233,21 +236,30 @@ def _apply(runner: StageRunner, state: dict[str, Any], path: Path) -> None:
     runner.store.reset_peaks()
 
 
-def load_checkpoint(pipe: Pipeline, directory: str | os.PathLike[str]) -> None:
-    """Restore ``pipe`` (the stages this process runs) from ``directory``."""
+def load_checkpoint(
+    runners: Sequence[StageRunner],
+    config: dict[str, Any],
+    num_stages: int,
+    directory: str | os.PathLike[str],
+    *,
+    agreed: Agreed = _local,
+) -> int:
+    """Restore ``runners`` (the stages this process runs) from ``directory``; the cursor.
+
+    The cursor is the number of mini-batches the checkpointed pipeline had trained.
+    """
     d = Path(directory)
 
-    def load() -> None:
+    def load() -> int:
         manifest = read_manifest(d)
-        _check_config(pipe, manifest, d)
-        if manifest["num_stages"] != pipe.num_stages:
+        _check_config(config, manifest, d)
+        if manifest["num_stages"] != num_stages:
             raise ConfigError(
-                f"the checkpoint has {manifest['num_stages']} stages, the pipeline "
-                f"{pipe.num_stages}"
+                f"the checkpoint has {manifest['num_stages']} stages, the pipeline {num_stages}"
             )
         cursor = int(manifest["minibatches_done"])
         states = []
-        for r in pipe.runners:
+        for r in runners:
             path = d / stage_file(r.index)
             if not path.exists():
                 raise ConfigError(f"checkpoint {d} has no file for stage {r.index} ({path.name})")
@@ -263,11 +275,7 @@ def load_checkpoint(pipe: Pipeline, directory: str | os.PathLike[str]) -> None:
             _apply(r, state, path)
         if states:
             set_rng_state(states[0][1]["rng"])
-        pipe.minibatches_done = cursor
-        pipe._refresh_stage_reports()
+        return cursor
 
-    runtime = pipe._runtime
-    if runtime is None:
-        load()
-    else:
-        runtime.agreed("loading the checkpoint", load)
+    result: int = agreed("loading the checkpoint", load)
+    return result

@@ -34,3 +34,7 @@ class DataError(TimeprestError):
 
 class MultipleSequenceWarning(UserWarning):
     """nF1B with fewer than W-1 micro-batches splits the updates into independent chains."""
+
+
+class StageFailure(TimeprestError):
+    """Another rank of the distributed pipeline failed, so this rank stopped too."""

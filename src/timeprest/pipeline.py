@@ -11,46 +11,77 @@ Example::
     )
     losses = pipe.train(batches)   # one float per mini-batch; the pipeline drains at the end
     pipe.report                    # versions, staleness and memory figures
+
+The pipeline owns the checks (configuration through :func:`timeprest.policy.resolve`,
+each mini-batch once), the schedule and its version plan, the report and the
+mini-batch cursor; an engine (:mod:`timeprest.engine`) only runs the lowered
+programs over the stage runners.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Sized
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
 
+from timeprest.checkpoint import load_checkpoint, save_checkpoint
+from timeprest.engine.emulator import Emulator
+from timeprest.engine.protocol import Engine, Job, StageSpec
 from timeprest.errors import ConfigError
-from timeprest.policy.methods import get_method, resolve_policy, warn_multiple_sequence
+from timeprest.policy.methods import DEFAULT_METHOD, resolve
 from timeprest.policy.plan import StagePlan, plan_versions
-from timeprest.policy.rules import Policy, Significance
+from timeprest.policy.rules import Significance
 from timeprest.report import MinibatchReport, Report, StageReport, StageStep
-from timeprest.schedule.builders import Schedule, build_schedule
+from timeprest.schedule.actions import parse_program
+from timeprest.schedule.builders import SCHEDULE_KINDS, Schedule, build_schedule
+from timeprest.schedule.builders import schedule_from_programs as _from_programs
 from timeprest.schedule.costs import CostSpec, resolve_costs
-from timeprest.stage import LossFn, OptimizerFactory, SplitBatches, StageRunner
+from timeprest.schedule.lower import Lowered, lower
+from timeprest.stage import LossFn, Minibatch, OptimizerFactory, StageRunner
 
 if TYPE_CHECKING:
-    from pathlib import Path
-
-    from timeprest.engine.runtime import DistributedRuntime, RuntimeOptions
+    from timeprest.engine.runtime import RuntimeOptions
 
 ENGINES = ("emulate", "distributed")
 
-StageSpec = Sequence[nn.Module | None] | Callable[[int], nn.Module]
+
+def custom_schedule(text: str, costs: CostSpec = "default") -> Schedule:
+    """A schedule from program text: one line per stage, actions separated by spaces.
+
+    ``B{t}`` (a whole mini-batch's backward) makes it an nF1B-style program; ``B{t}.{j}``
+    a per-micro-batch one. N and T are read off the actions; the programs are validated.
+    """
+    lines = [ln for ln in text.strip().splitlines() if ln.strip()]
+    try:
+        programs = [parse_program(ln.split("|")[-1]) for ln in lines]
+    except Exception as exc:
+        raise ConfigError(f"cannot read the schedule text: {exc}") from None
+    actions = [a for prog in programs for a in prog]
+    if not actions:
+        raise ConfigError("the schedule text holds no actions")
+    n = 1 + max((a.microbatch or 0) for a in actions)
+    t = 1 + max(a.minibatch for a in actions)
+    whole = any(a.kind == "B" and a.microbatch is None for a in actions)
+    return _from_programs("nf1b" if whole else "custom", programs, n, t, costs)
 
 
 class Pipeline:
     """Pipeline-parallel training of ``stages`` with a method's schedule and weight policy.
 
-    ``method`` names a preset (DESIGN section 6); ``schedule``, ``forward``,
-    ``backward``, ``grad_rule``, ``significance`` and ``decay`` override its
-    parts one by one. ``optimizer`` is called once per stage with that
-    stage's trainable parameters. ``loss_fn(output, target)`` returns the mean
-    loss of a micro-batch. ``costs`` (``default``, ``paper`` or per-stage
-    :class:`~timeprest.schedule.Costs`) orders the asynchronous schedules.
-    ``lr_lambda(minibatch)`` scales each optimizer's initial learning rate at
-    the update of that (global) mini-batch, like ``LambdaLR`` per step.
+    ``method`` names a preset (docs/design.md section 6; default
+    :data:`timeprest.policy.DEFAULT_METHOD`); ``schedule``, ``forward``, ``backward``,
+    ``grad_rule``, ``significance`` and ``decay`` override its parts one by one.
+    ``schedule`` is a kind (``gpipe``, ``1f1b``, ``nf1b``, ``2bw``), or a custom
+    :class:`~timeprest.schedule.Schedule` or program text (see :func:`custom_schedule`),
+    which then runs exactly as given for its number of mini-batches.
+    ``optimizer`` is called once per stage with that stage's trainable parameters.
+    ``loss_fn(output, target)`` returns the mean loss of a micro-batch. ``costs``
+    (``default``, ``paper`` or per-stage :class:`~timeprest.schedule.Costs`) orders the
+    asynchronous schedules. ``lr_lambda(minibatch)`` scales each optimizer's initial
+    learning rate at the update of that (global) mini-batch, like ``LambdaLR`` per step.
 
     ``stages`` is a list of modules or a callable ``stage_fn(stage) -> nn.Module``
     (then give ``num_stages``, except with the distributed engine). With
@@ -62,12 +93,12 @@ class Pipeline:
     def __init__(
         self,
         stages: StageSpec,
-        method: str = "v-timeprest",
+        method: str = DEFAULT_METHOD,
         num_microbatches: int | None = None,
         optimizer: OptimizerFactory | None = None,
         loss_fn: LossFn | None = None,
         *,
-        schedule: str | None = None,
+        schedule: str | Schedule | None = None,
         forward: str | None = None,
         backward: str | None = None,
         grad_rule: str | None = None,
@@ -82,14 +113,14 @@ class Pipeline:
     ) -> None:
         if engine not in ENGINES:
             raise ConfigError(f"unknown engine {engine!r}: expected one of {', '.join(ENGINES)}")
-        self._runtime: DistributedRuntime | None = None
+        self._engine: Engine
         if engine == "distributed":
             from timeprest.engine.runtime import DistributedRuntime
 
-            self._runtime = DistributedRuntime(runtime)
-            stage_list = self._runtime.local_stages(stages, num_stages)
+            self._engine = DistributedRuntime(runtime)
         else:
-            stage_list = _build_stages(stages, num_stages)
+            self._engine = Emulator()
+        stage_list = self._engine.build_stages(stages, num_stages)
         if optimizer is None:
             raise ConfigError(
                 "optimizer is required: a callable params -> torch.optim.Optimizer, "
@@ -99,81 +130,89 @@ class Pipeline:
             raise ConfigError("optimizer and loss_fn must be callables")
         if loss_fn is None:
             raise ConfigError("loss_fn is required, e.g. torch.nn.functional.cross_entropy")
-        self.method = get_method(method)
-        self.schedule_kind, self.policy = resolve_policy(
+        w = len(stage_list)
+        self._custom: Schedule | None = None
+        if isinstance(schedule, str) and schedule not in SCHEDULE_KINDS and schedule.strip():
+            if any(ch.isdigit() for ch in schedule):  # program text, not a kind's name
+                schedule = custom_schedule(schedule, costs)
+        if isinstance(schedule, Schedule):
+            self._custom = schedule
+            if schedule.num_stages != w:
+                raise ConfigError(f"the schedule has {schedule.num_stages} stages, the model {w}")
+            if num_microbatches not in (None, schedule.num_microbatches):
+                raise ConfigError(
+                    f"num_microbatches={num_microbatches} but the schedule's programs use "
+                    f"N={schedule.num_microbatches}"
+                )
+            num_microbatches = schedule.num_microbatches
+        resolved = resolve(
             method,
-            schedule=schedule,
+            w,
+            num_microbatches,
+            schedule=schedule if isinstance(schedule, str) else None,
             forward=forward,
             backward=backward,
             grad_rule=grad_rule,
             significance=significance,
             decay=decay,
+            warn=self._custom is None,
+            stacklevel=3,
         )
-        w = len(stage_list)
-        n = num_microbatches
-        if n is None:
-            n = self.method.default_microbatches or w
-        if not isinstance(n, int) or isinstance(n, bool) or n < 1:
-            raise ConfigError(f"num_microbatches must be an integer >= 1, got {n!r}")
-        if self.schedule_kind == "2bw" and n < w:
-            raise ConfigError(
-                f"{method} (schedule 2bw) needs num_microbatches >= number of stages, "
-                f"got N={n}, W={w}"
-            )
-        if self.policy.forward == "previous" and self.schedule_kind != "2bw":
-            raise ConfigError(
-                "forward rule 'previous' needs the 2bw schedule (version t-1 must exist)"
-            )
-        warn_multiple_sequence(method, self.schedule_kind, w, n)
-        self.costs = resolve_costs(costs, w)
+        self.method = resolved.method
+        self.schedule_kind = resolved.schedule if self._custom is None else self._custom.kind
+        self.policy = resolved.policy
+        self.costs = self._custom.costs if self._custom is not None else resolve_costs(costs, w)
         self.stages = stage_list  # None where another process runs the stage
         self.num_stages = w
-        self.num_microbatches = n
+        self.num_microbatches = n = resolved.num_microbatches
         self.seed = seed
         self.engine = engine
         self.loss_fn = loss_fn
 
         def runner(s: int, m: nn.Module) -> StageRunner:
+            last = s == w - 1
             return StageRunner(
-                s,
-                m,
-                w,
-                n,
-                self.policy,
-                optimizer,
-                loss_fn if s == w - 1 else None,
-                seed=seed,
-                lr_lambda=lr_lambda,
-            )
+                s, m, w, n, self.policy, optimizer, loss_fn if last else None,
+                seed=seed, lr_lambda=lr_lambda,
+            )  # fmt: skip
 
         # the stages this process runs: all of them, or its own (distributed)
         local = [(s, m) for s, m in enumerate(stage_list) if m is not None]
-        if self._runtime is None:
+        if engine == "emulate":
             self.runners = [runner(s, m) for s, m in local]
         else:
-            self.runners = [self._runtime.agreed("building the stage", lambda: runner(*local[0]))]
+            self.runners = [self._engine.agreed("building the stage", lambda: runner(*local[0]))]
         self.report = Report(stages=[StageReport(s) for s in range(w)])
+        for r in self.runners:
+            self.report.stages[r.index] = r.report()
         self.minibatches_done = 0
-        self._schedules: dict[int, tuple[Schedule, list[StagePlan]]] = {}
-        self._refresh_stage_reports()
+        self._plans: dict[int, tuple[Lowered, list[StagePlan]]] = {}
 
     # -- schedule ------------------------------------------------------------
     def schedule_for(self, num_minibatches: int) -> Schedule:
         """The schedule this pipeline runs for ``num_minibatches`` mini-batches."""
-        return self._schedule_and_plan(num_minibatches)[0]
+        return self._plan(num_minibatches)[0].schedule
 
-    def _schedule_and_plan(self, num_minibatches: int) -> tuple[Schedule, list[StagePlan]]:
-        if num_minibatches not in self._schedules:
-            sched = build_schedule(
-                self.schedule_kind,
-                self.num_stages,
-                self.num_microbatches,
-                num_minibatches,
-                self.costs,
-                warn=False,
-            )
-            self._schedules[num_minibatches] = (sched, plan_versions(sched, self.policy))
-        return self._schedules[num_minibatches]
+    def _plan(self, num_minibatches: int) -> tuple[Lowered, list[StagePlan]]:
+        if num_minibatches not in self._plans:
+            if self._custom is not None:
+                if num_minibatches != self._custom.num_minibatches:
+                    raise ConfigError(
+                        f"the custom schedule is for {self._custom.num_minibatches} "
+                        f"mini-batches, but {num_minibatches} were given"
+                    )
+                sched = self._custom
+            else:
+                sched = build_schedule(
+                    self.schedule_kind,
+                    self.num_stages,
+                    self.num_microbatches,
+                    num_minibatches,
+                    self.costs,
+                    warn=False,
+                )
+            self._plans[num_minibatches] = (lower(sched), plan_versions(sched, self.policy))
+        return self._plans[num_minibatches]
 
     # -- training ------------------------------------------------------------
     def train(
@@ -181,77 +220,68 @@ class Pipeline:
         batches: Iterable[tuple[Tensor, Tensor]],
         *,
         on_loss: Callable[[int, float], None] | None = None,
+        num_minibatches: int | None = None,
     ) -> list[float]:
         """Train on ``batches`` (one optimizer step per mini-batch at every stage) and drain.
 
-        Returns the loss of each mini-batch, in order: ``sum_j (n_j/n) * loss_j``
-        computed at the forward. ``on_loss(minibatch, loss)`` is called as soon
-        as each mini-batch's loss is known (for progress displays).
+        ``batches`` is any iterable of ``(input, target)`` pairs, read lazily with the
+        emulator when its length is known (``len()``, or ``num_minibatches`` for an
+        iterator): mini-batch t is pulled when stage 0 first needs it and dropped after
+        its last use. Returns the loss of each mini-batch, in order:
+        ``sum_j (n_j/n) * loss_j`` computed at the forward. ``on_loss(minibatch, loss)``
+        is called as soon as each mini-batch's loss is known. ``pipe.report`` then holds
+        this call's mini-batch records (each call replaces them, so memory stays flat).
         """
-        if self._runtime is not None:
-            return self._runtime.train(self, batches, on_loss)
-        from timeprest.engine.emulator import run_emulated
+        count = num_minibatches
+        if count is None and isinstance(batches, Sized):
+            count = len(batches)
+        if count is not None and (not isinstance(count, int) or count < 0):
+            raise ConfigError(f"num_minibatches must be an integer >= 0, got {count!r}")
+        c = self.costs
+        job = Job(
+            batches=batches,
+            num_minibatches=count,
+            check=self._check_batch,
+            plan=self._plan,
+            runners=self.runners,
+            num_microbatches=self.num_microbatches,
+            base_minibatch=self.minibatches_done,
+            config={
+                **self.describe(),
+                "costs_values": [c.forward, c.backward, c.update, c.comm, c.paper],
+                "minibatches_done": self.minibatches_done,
+            },
+            on_loss=on_loss,
+        )
+        outcome = self._engine.run(job)
+        base = self.minibatches_done
+        self.report.stages = list(outcome.stage_reports)
+        self.report.minibatches = [
+            MinibatchReport(base + t, loss, [steps.get(t, StageStep()) for steps in outcome.steps])
+            for t, loss in enumerate(outcome.losses)
+        ]
+        self.minibatches_done += len(outcome.losses)
+        return outcome.losses
 
-        data = self._check_batches(batches)
-        if not data:
-            return []
-        sched, plans = self._schedule_and_plan(len(data))
-        source = SplitBatches(data, self.num_microbatches)
-        for r, plan in zip(self.runners, plans):
-            r.begin(plan, self.minibatches_done)
-        self.runners[-1].on_loss = on_loss
-        try:
-            run_emulated(sched, self.runners, source)
-        finally:
-            self.runners[-1].on_loss = None
-        losses = [self.runners[-1].losses[t] for t in range(len(data))]
-        for t in range(len(data)):
-            self.report.minibatches.append(
-                MinibatchReport(
-                    self.minibatches_done + t,
-                    losses[t],
-                    [r.steps.get(t, StageStep()) for r in self.runners],
-                )
+    def _check_batch(self, t: int, b: object) -> Minibatch:
+        if not (isinstance(b, (tuple, list)) and len(b) == 2):
+            raise ConfigError(f"mini-batch {t} is not an (input, target) pair")
+        x, y = b
+        if not isinstance(x, Tensor) or not isinstance(y, Tensor):
+            raise ConfigError(f"mini-batch {t}: input and target must be tensors")
+        if x.dim() == 0 or y.dim() == 0:
+            raise ConfigError(f"mini-batch {t}: input and target need a batch dimension")
+        if x.shape[0] != y.shape[0]:
+            raise ConfigError(
+                f"mini-batch {t}: input has {x.shape[0]} rows but target has {y.shape[0]}"
             )
-        self.minibatches_done += len(data)
-        self._refresh_stage_reports()
-        return losses
-
-    def _check_batches(
-        self, batches: Iterable[tuple[Tensor, Tensor]]
-    ) -> list[tuple[Tensor, Tensor]]:
-        data: list[tuple[Tensor, Tensor]] = []
-        for t, b in enumerate(batches):
-            if not (isinstance(b, (tuple, list)) and len(b) == 2):
-                raise ConfigError(f"mini-batch {t} is not an (input, target) pair")
-            x, y = b
-            if not isinstance(x, Tensor) or not isinstance(y, Tensor):
-                raise ConfigError(f"mini-batch {t}: input and target must be tensors")
-            if x.dim() == 0 or y.dim() == 0:
-                raise ConfigError(f"mini-batch {t}: input and target need a batch dimension")
-            if x.shape[0] != y.shape[0]:
-                raise ConfigError(
-                    f"mini-batch {t}: input has {x.shape[0]} rows but target has {y.shape[0]}"
-                )
-            if x.shape[0] < self.num_microbatches:
-                raise ConfigError(
-                    f"mini-batch {t} has {x.shape[0]} rows, fewer than the "
-                    f"{self.num_microbatches} micro-batches: lower num_microbatches or "
-                    "raise the batch size"
-                )
-            data.append((x, y))
-        return data
-
-    def _refresh_stage_reports(self) -> None:
-        for r in self.runners:
-            rep = self.report.stages[r.index]
-            rep.weight_bytes = r.store.bytes_per_version
-            rep.peak_versions = r.store.peak_versions
-            rep.peak_weight_bytes = r.store.peak_bytes
-            rep.peak_activation_bytes = r.peak_activation_bytes
-            rep.activation_bytes = list(r.activation_log)
-            rep.optimizer_state_bytes = r.optimizer_state_bytes()
-            rep.updates = r.store.latest
+        if x.shape[0] < self.num_microbatches:
+            raise ConfigError(
+                f"mini-batch {t} has {x.shape[0]} rows, fewer than the "
+                f"{self.num_microbatches} micro-batches: lower num_microbatches or "
+                "raise the batch size"
+            )
+        return (x, y)
 
     # -- state ---------------------------------------------------------------
     def version(self, stage: int) -> int:
@@ -270,6 +300,13 @@ class Pipeline:
         return out
 
     # -- checkpoints -----------------------------------------------------------
+    def _checkpoint_config(self) -> dict[str, Any]:
+        """What a checkpoint must agree on with the pipeline that loads it (not the engine)."""
+        c = self.costs
+        config = {k: v for k, v in self.describe().items() if k != "engine"}
+        config["costs_values"] = [list(c.forward), list(c.backward), list(c.update), list(c.comm)]
+        return config
+
     def save_checkpoint(self, directory: str | Path) -> Path:
         """Write the state of the drained pipeline (between ``train`` calls) to ``directory``.
 
@@ -279,15 +316,26 @@ class Pipeline:
         format; with the distributed engine call it on every rank (each writes
         its own stage).
         """
-        from timeprest.checkpoint import save_checkpoint
-
-        return save_checkpoint(self, directory)
+        return save_checkpoint(
+            self.runners,
+            self.minibatches_done,
+            self._checkpoint_config(),
+            self.num_stages,
+            directory,
+            agreed=self._engine.agreed,
+        )
 
     def load_checkpoint(self, directory: str | Path) -> None:
         """Restore what :meth:`save_checkpoint` wrote; training then resumes bitwise."""
-        from timeprest.checkpoint import load_checkpoint
-
-        load_checkpoint(self, directory)
+        self.minibatches_done = load_checkpoint(
+            self.runners,
+            self._checkpoint_config(),
+            self.num_stages,
+            directory,
+            agreed=self._engine.agreed,
+        )
+        for r in self.runners:
+            self.report.stages[r.index] = r.report()
 
     def describe(self) -> dict[str, Any]:
         """The resolved configuration, for logs and run directories."""
@@ -306,30 +354,3 @@ class Pipeline:
             "seed": self.seed,
             "engine": self.engine,
         }
-
-
-def _build_stages(stages: StageSpec, num_stages: int | None) -> list[nn.Module | None]:
-    """Every stage, for the emulator: the list given, or ``stage_fn`` called per stage."""
-    if isinstance(stages, nn.Module) or not (callable(stages) or isinstance(stages, Sequence)):
-        raise ConfigError(
-            "stages must be a list of nn.Module, one per stage, or a callable "
-            "stage_fn(stage) -> nn.Module (use timeprest.split(model, num_stages) to cut a model)"
-        )
-    if callable(stages):
-        if num_stages is None:
-            raise ConfigError("with a stage_fn callable, give num_stages too")
-        built: list[Any] = [stages(s) for s in range(num_stages)]
-    else:
-        built = list(stages)
-        if num_stages is not None and num_stages != len(built):
-            raise ConfigError(f"num_stages={num_stages} but {len(built)} stages were given")
-    if len(built) == 0:
-        raise ConfigError("the stage list is empty: give at least one nn.Module")
-    for i, m in enumerate(built):
-        if not isinstance(m, nn.Module):
-            raise ConfigError(f"stage {i} is a {type(m).__name__}, not an nn.Module")
-    return built
-
-
-def policy_of(pipe: Pipeline) -> Policy:
-    return pipe.policy

@@ -1,5 +1,16 @@
-"""Engines that execute per-stage programs: the single-process emulator (and the runtime)."""
+"""Engines that execute lowered programs: the single-process emulator and the distributed runtime."""
 
-from timeprest.engine.emulator import MailboxTransport, run_emulated
+from timeprest.engine.emulator import CheckingMailbox, Emulator, run_emulated
+from timeprest.engine.executor import StageExecutor, Transport
+from timeprest.engine.protocol import Engine, Job, Outcome
 
-__all__ = ["MailboxTransport", "run_emulated"]
+__all__ = [
+    "CheckingMailbox",
+    "Emulator",
+    "Engine",
+    "Job",
+    "Outcome",
+    "StageExecutor",
+    "Transport",
+    "run_emulated",
+]

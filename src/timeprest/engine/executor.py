@@ -1,0 +1,93 @@
+"""The one loop that runs a stage's lowered program: both engines use it.
+
+An engine differs only in its :class:`Transport`: the emulator's is an
+in-process mailbox that can say "not yet" (:meth:`Transport.ready`), the
+runtime's blocks on point-to-point messages. The executor walks the ops of
+:mod:`timeprest.schedule.lower` in order: a receive hands its tensor to the
+next computation, a computation's result goes to the next send.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Protocol
+
+from torch import Tensor
+
+from timeprest.schedule.lower import Op
+from timeprest.stage import Batches, StageRunner
+
+
+class Transport(Protocol):
+    """Moves the messages of lowered programs between stages."""
+
+    def ready(self, op: Op) -> bool:
+        """Whether the receive ``op`` can complete now (a blocking transport says True)."""
+        ...
+
+    def recv(self, op: Op) -> Tensor: ...
+
+    def send(self, op: Op, tensor: Tensor) -> None: ...
+
+    def progress(self) -> None:
+        """Called after each action: a chance to post receives ahead."""
+        ...
+
+
+class StageExecutor:
+    """Runs the ops of one stage on its runner; resumable where the transport is not ready."""
+
+    def __init__(
+        self, ops: tuple[Op, ...], runner: StageRunner, transport: Transport, batches: Batches
+    ) -> None:
+        self.ops = ops
+        self.runner = runner
+        self.transport = transport
+        self.batches = batches
+        self.pos = 0
+        self._value: Tensor | None = None  # received, or to be sent
+
+    @property
+    def done(self) -> bool:
+        return self.pos >= len(self.ops)
+
+    @property
+    def current(self) -> Op | None:
+        return None if self.done else self.ops[self.pos]
+
+    def run(self) -> bool:
+        """Execute ops until the program ends or a receive is not ready; True if any ran."""
+        start = self.pos
+        r, tr = self.runner, self.transport
+        while self.pos < len(self.ops):
+            op = self.ops[self.pos]
+            if op.op == "recv" and not tr.ready(op):
+                break
+            if op.first:
+                r.begin_action(op.index, op.action)
+            if op.op == "recv":
+                if r.action_times is None:
+                    self._value = tr.recv(op)
+                else:
+                    t0 = time.perf_counter()
+                    self._value = tr.recv(op)
+                    r.recv_seconds += time.perf_counter() - t0
+            elif op.op == "send":
+                assert self._value is not None, f"nothing to send at {op}"
+                tr.send(op, self._value)
+                self._value = None
+            else:
+                a = op.action
+                if a.kind == "F":
+                    assert op.microbatch is not None
+                    self._value = r.forward(a.minibatch, op.microbatch, self._value, self.batches)
+                elif a.kind == "B":
+                    assert op.microbatch is not None
+                    self._value = r.backward(a.minibatch, op.microbatch, self._value)
+                else:
+                    r.update(op.index, a.minibatch)
+            self.pos += 1
+            if op.last:
+                r.end_action(op.index, op.action)
+                tr.progress()
+        return self.pos > start

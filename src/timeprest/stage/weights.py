@@ -1,0 +1,134 @@
+"""How a stage's module runs on other weights than its live parameters.
+
+Forward: the module's parameter slots (every submodule and name holding a
+trained parameter, tied ones included) are found once; a forward writes the
+forward version's leaf tensors into them and restores the Parameters after
+(what ``torch.func.functional_call`` does, without its per-call lookup).
+
+Backward on other weights (docs/design.md section 5, gradient rule
+``graph``): while the forward runs, a ``saved_tensors_hooks`` pair replaces
+every saved tensor that lives in one of the forward's weight tensors with a
+token; at the backward the token unpacks to the same view of the *backward*
+weights. So ``dW = delta^T x`` uses the saved activations and
+``dx = delta W_b`` the backward weights, and autograd never holds the live
+parameters that the optimizer updates in place. Buffers (BatchNorm running
+statistics) are kept by reference, never versioned.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+Slots = list[list[tuple[nn.Module, str]]]
+
+
+def parameter_slots(module: nn.Module, params: Sequence[Tensor]) -> Slots:
+    """For each of ``params``, every (submodule, name) that holds it (tied weights hold one twice)."""
+    index = {id(p): i for i, p in enumerate(params)}
+    slots: Slots = [[] for _ in params]
+    seen: set[tuple[int, str]] = set()
+    for _, mod in module.named_modules(remove_duplicate=False):
+        for name, p in mod._parameters.items():
+            i = index.get(id(p))
+            if i is not None and (id(mod), name) not in seen:
+                seen.add((id(mod), name))
+                slots[i].append((mod, name))
+    return slots
+
+
+def call_with(
+    module: nn.Module, slots: Slots, params: Sequence[Tensor], weights: Sequence[Tensor], x: Tensor
+) -> Tensor:
+    """``module(x)`` with ``weights`` in place of ``params`` (the Parameters restored after)."""
+    try:
+        for where, w in zip(slots, weights):
+            for mod, name in where:
+                mod._parameters[name] = w  # type: ignore[assignment]
+        out: Tensor = module(x)
+    finally:
+        for where, p in zip(slots, params):
+            for mod, name in where:
+                mod._parameters[name] = p  # type: ignore[assignment]
+    return out
+
+
+def microbatch_seed(seed: int, stage: int, t: int, j: int) -> int:
+    """A seed per (stage, mini-batch, micro-batch): RNG use is independent of stage interleaving."""
+    h = (seed * 1_000_003 + stage) * 1_000_033 + t
+    return (h * 1_000_037 + j) % (2**63 - 1)
+
+
+def seeded(device: torch.device, seed: int) -> contextlib.AbstractContextManager[Any]:
+    """Run with the device's generator seeded by ``seed``, the caller's random state kept."""
+    cuda = device.type == "cuda"
+
+    @contextlib.contextmanager
+    def ctx() -> Iterator[None]:
+        # only this stage's device generator is forked and seeded
+        with torch.random.fork_rng(devices=[device] if cuda else []):
+            torch.default_generator.manual_seed(seed)
+            if cuda:
+                with torch.cuda.device(device):
+                    torch.cuda.manual_seed(seed)
+            yield
+
+    return ctx()
+
+
+@dataclass
+class Saved:
+    """What a forward leaves for its backward."""
+
+    x: Tensor | None  # the stage input (a leaf requiring grad at stage > 0)
+    out: Tensor | None  # the graph root: output, or the scaled loss at the last stage
+    leaves: list[Tensor]  # forward weight leaves (graph rule)
+    version: int  # forward version (absolute)
+    activation_bytes: int
+    backward_weights: list[Tensor] = field(default_factory=list)
+    target: Tensor | None = None
+    fraction: float = 1.0
+
+
+def weight_tokens(
+    saved: Saved, module: nn.Module
+) -> tuple[Callable[[Tensor], Any], Callable[[Any], Tensor]]:
+    """The pack/unpack pair: weight reads become tokens; other saved bytes are counted."""
+    storages = {
+        w.untyped_storage().data_ptr(): i for i, w in enumerate(saved.leaves) if w.numel() > 0
+    }
+    # Buffers (BatchNorm running statistics) are updated in place by every
+    # forward; autograd saves them although a training-mode backward does
+    # not use their values. Keep a reference instead of a versioned copy,
+    # or the next micro-batch's forward would trip autograd's version check.
+    buffers = {b.untyped_storage().data_ptr(): b for b in module.buffers() if b.numel() > 0}
+    counted: set[int] = set()
+
+    def pack(t: Tensor) -> Any:
+        ptr = t.untyped_storage().data_ptr() if t.numel() > 0 else 0
+        i = storages.get(ptr)
+        if i is not None and t.device == saved.leaves[i].device:
+            leaf = saved.leaves[i]
+            return ("w", i, t.size(), t.stride(), t.storage_offset() - leaf.storage_offset())
+        if ptr in buffers:
+            return ("b", buffers[ptr])
+        if ptr not in counted and ptr != 0:
+            counted.add(ptr)
+            saved.activation_bytes += t.untyped_storage().nbytes()
+        return t
+
+    def unpack(p: Any) -> Tensor:
+        if isinstance(p, tuple) and p[0] == "b":
+            return p[1]
+        if isinstance(p, tuple):
+            _, i, size, stride, off = p
+            w = saved.backward_weights[i]
+            return w.as_strided(size, stride, w.storage_offset() + off)
+        return p
+
+    return pack, unpack
