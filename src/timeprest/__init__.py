@@ -3,6 +3,10 @@
 Implements V-TiMePReSt and I-TiMePReSt (Dutta, Chaki, De, 2025), their
 predecessor TiMePReSt, and GPipe, 1F1B, PipeDream and PipeDream-2BW on one
 engine. See docs/design.md for the semantics.
+
+``timeprest.split`` is the function that cuts a model into stages; the
+package holding it is ``timeprest.splitting`` (no submodule is named
+``split``, so importing submodules never replaces the function).
 """
 
 from timeprest._version import __version__
@@ -19,6 +23,7 @@ from timeprest.pipeline import Pipeline
 from timeprest.policy import METHODS, Policy, Significance, method_names
 from timeprest.report import Report
 from timeprest.schedule import Action, Costs, Schedule, build_schedule
+from timeprest.splitting import SplitPlan, plan_split, split
 
 __all__ = [
     "METHODS",
@@ -35,16 +40,11 @@ __all__ = [
     "ScheduleError",
     "ShapeError",
     "Significance",
+    "SplitPlan",
     "TimeprestError",
     "__version__",
     "build_schedule",
     "method_names",
+    "plan_split",
+    "split",
 ]
-
-
-def __getattr__(name: str):  # split lives with the front end and imports more
-    if name == "split":
-        from timeprest.splitting import split
-
-        return split
-    raise AttributeError(f"module 'timeprest' has no attribute {name!r}")

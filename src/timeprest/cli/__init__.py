@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from timeprest.errors import TimeprestError
 
 # modules that define sub-commands, in the order ``--help`` lists them
-_COMMANDS = ("train", "compare", "plot", "schedule", "simulate", "profile")
+_COMMANDS = ("train", "compare", "plot", "schedule", "simulate", "profile", "export")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,16 +1,19 @@
-"""Cutting a model into pipeline stages (``timeprest.split`` is the function, this the package)."""
+"""Cutting a model into pipeline stages (``timeprest.split`` is the function, this the package).
 
+``layers``: what a model's layers are; ``profile``: timing them;
+``partition``: choosing the stages (:class:`SplitPlan`) and building them.
+"""
+
+from timeprest.splitting.layers import layer_paths, pipeline_layers
 from timeprest.splitting.partition import (
     Balance,
-    LayerTiming,
     SplitPlan,
     apply_plan,
     balanced_partition,
-    pipeline_layers,
     plan_split,
-    profile_layers,
     split,
 )
+from timeprest.splitting.profile import LayerTiming, profile_layers, sample_input_for
 
 __all__ = [
     "Balance",
@@ -18,8 +21,10 @@ __all__ = [
     "SplitPlan",
     "apply_plan",
     "balanced_partition",
+    "layer_paths",
     "pipeline_layers",
     "plan_split",
     "profile_layers",
+    "sample_input_for",
     "split",
 ]

@@ -1,184 +1,25 @@
-"""Stage split: layers from Sequential, fx tracing and the hook; balance modes; exactness."""
+"""Choosing and building stages: balance modes, the partition's optimality, exactness, errors."""
 
 from __future__ import annotations
 
 import itertools
-import json
 import random
 
 import pytest
 import torch
 from torch import Tensor, nn
 
-import timeprest.splitting.partition as split_mod
+import timeprest.splitting.partition as partition_mod
+from splitting_models import Mixed, run_stages, seq_model
 from timeprest.errors import ConfigError
 from timeprest.splitting import (
     LayerTiming,
     SplitPlan,
     apply_plan,
     balanced_partition,
-    pipeline_layers,
     plan_split,
     split,
 )
-
-
-def run_stages(stages: list[nn.Module], x: Tensor) -> Tensor:
-    for stage in stages:
-        x = stage(x)
-    return x
-
-
-def seq_model() -> nn.Sequential:
-    torch.manual_seed(0)
-    return nn.Sequential(
-        nn.Conv2d(1, 4, 3, padding=1),
-        nn.BatchNorm2d(4),
-        nn.ReLU(),
-        nn.MaxPool2d(2),
-        nn.Flatten(),
-        nn.Linear(4 * 4 * 4, 32),
-        nn.Dropout(0.2),
-        nn.ReLU(),
-        nn.Linear(32, 5),
-    )
-
-
-class Chain(nn.Module):
-    """Not a Sequential, but a plain chain: every call is a layer."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.fc1 = nn.Linear(6, 8)
-        self.fc2 = nn.Linear(8, 8)
-        self.fc3 = nn.Linear(8, 3)
-
-    def forward(self, x: Tensor) -> Tensor:
-        x = torch.relu(self.fc1(x))
-        x = self.fc2(x).tanh()
-        return self.fc3(x)
-
-
-class Mixed(nn.Module):
-    """A residual add and ``view(size(0), -1)``: those calls must stay together."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv = nn.Conv2d(2, 3, 3)
-        self.inner = nn.Conv2d(3, 3, 3, padding=1)
-        self.scale = nn.Parameter(torch.full((1,), 2.0))
-        self.fc = nn.Linear(3 * 6 * 6, 4)
-
-    def forward(self, x: Tensor) -> Tensor:
-        x = torch.relu(self.conv(x))
-        x = x + self.inner(x)
-        x = x.view(x.size(0), -1) * self.scale
-        return self.fc(x)
-
-
-class WholeResidual(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.a = nn.Linear(4, 4)
-        self.b = nn.Linear(4, 4)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return x + self.b(self.a(x))
-
-
-class Branchy(nn.Module):
-    """Control flow on tensor values: fx cannot trace it, the hook can split it."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.a = nn.Linear(4, 4)
-        self.b = nn.Linear(4, 4)
-
-    def forward(self, x: Tensor) -> Tensor:
-        h = self.a(x)
-        if h.sum() > 0:
-            h = h * 2
-        return self.b(h)
-
-
-class Hooked(Branchy):
-    def forward(self, x: Tensor) -> Tensor:  # data dependence would defeat tracing
-        return self.b(self.a(x)) if x.sum() > -1e9 else x
-
-    def pipeline_layers(self) -> list[nn.Module]:
-        return [self.a, self.b]
-
-
-# ---------------------------------------------------------------- layers
-
-
-def test_sequential_layers_are_its_children() -> None:
-    model = seq_model()
-    layers = pipeline_layers(model)
-    assert [name for name, _ in layers] == [str(i) for i in range(9)]
-    assert all(a is b for (_, a), b in zip(layers, model))
-
-
-def test_traced_chain() -> None:
-    model = Chain()
-    layers = pipeline_layers(model)
-    assert [name for name, _ in layers] == ["fc1", "relu", "fc2", "tanh", "fc3"]
-    assert layers[0][1] is model.fc1 and layers[4][1] is model.fc3
-    x = torch.randn(5, 6)
-    stages = split(model, 3, [2, 2, 1])
-    assert torch.equal(run_stages(stages, x), model(x))
-
-
-def test_traced_model_keeps_dependent_calls_together() -> None:
-    model = Mixed()
-    names = [name for name, _ in pipeline_layers(model)]
-    assert names == ["conv", "relu", "inner__add", "size__view", "mul", "fc"]
-    torch.manual_seed(1)
-    x = torch.randn(3, 2, 8, 8)
-    stages = split(model, 3, "params")
-    assert torch.equal(run_stages(stages, x), model(x))
-    # The parameter read by a function call comes along with its layer, shared, not copied.
-    owners = [s for s in stages if any(p is model.scale for p in s.parameters())]
-    assert len(owners) == 1
-
-
-def test_untraceable_model_points_to_the_hook() -> None:
-    with pytest.raises(
-        ConfigError, match=r"cannot trace Branchy with torch.fx .*pipeline_layers\(self\)"
-    ):
-        split(Branchy(), 2, "params")
-
-
-def test_one_segment_model_cannot_take_two_stages() -> None:
-    assert len(pipeline_layers(WholeResidual())) == 1
-    with pytest.raises(
-        ConfigError,
-        match=r"num_stages \(2\) exceeds the number of layers of WholeResidual \(1\).*pipeline_layers",
-    ):
-        split(WholeResidual(), 2, "params")
-
-
-def test_hook() -> None:
-    model = Hooked()
-    stages = split(model, 2, "params")
-    assert list(stages[0].children()) == [model.a] and list(stages[1].children()) == [model.b]
-    x = torch.randn(2, 4)
-    assert torch.equal(run_stages(stages, x), model(x))
-
-    class Forgetful(Hooked):
-        def pipeline_layers(self) -> list[nn.Module]:
-            return [self.a]
-
-    with pytest.raises(ConfigError, match=r"leaves out parameters b.weight, b.bias"):
-        split(Forgetful(), 1, "params")
-
-    class Wrong(Hooked):
-        def pipeline_layers(self) -> list[nn.Module]:
-            return [self.a, torch.relu]  # type: ignore[list-item]
-
-    with pytest.raises(ConfigError, match="item 1 is builtin_function_or_method, not an nn.Module"):
-        split(Wrong(), 1, "params")
-
 
 # ---------------------------------------------------------------- exactness and sharing
 
@@ -236,6 +77,30 @@ def test_params_balance_isolates_the_big_layer() -> None:
     assert plan.stage_layers(1) == range(2, 3)
 
 
+def test_the_default_balance_is_params_and_deterministic(monkeypatch: pytest.MonkeyPatch) -> None:
+    def no_timing(*args: object, **kwargs: object) -> list[LayerTiming]:
+        raise AssertionError("the default balance must not time anything")
+
+    monkeypatch.setattr(partition_mod, "profile_layers", no_timing)
+    model = seq_model()
+    plan = plan_split(model, 3)
+    assert plan == plan_split(model, 3, "params") == plan_split(model, 3)
+    assert plan.balance == "params" and plan.cost_unit == "params"
+    assert [len(s) for s in split(model, 3)] == list(plan.layer_counts)
+
+
+def test_to_dict_says_where_each_stages_layers_sit() -> None:
+    model = seq_model()
+    d = plan_split(model, 2, [5, 4]).to_dict()
+    assert d["stages"] == [["0", "1", "2", "3", "4"], ["5", "6", "7", "8"]]
+    assert d["layer_paths"] == d["stages"]  # a Sequential's children sit at their own names
+    assert d["model_keys"] == list(model.state_dict())
+    assert d["layer_counts"] == [5, 4] and d["balance"] == "counts"
+    traced = plan_split(Mixed(), 2, [3, 3]).to_dict()
+    assert traced["stages"] == [["conv", "relu", "inner__add"], ["size__view", "mul", "fc"]]
+    assert traced["layer_paths"] == [["conv", "", ""], ["", "", "fc"]]
+
+
 def test_time_balance_uses_measured_costs(monkeypatch: pytest.MonkeyPatch) -> None:
     seen: dict[str, object] = {}
 
@@ -246,7 +111,7 @@ def test_time_balance_uses_measured_costs(monkeypatch: pytest.MonkeyPatch) -> No
         costs = [1.0, 0.0, 5.0, 1.0, 1.0, 1.0, 0.0, 2.0, 0.5]
         return [LayerTiming(c / 4, c * 3 / 4) for c in costs]
 
-    monkeypatch.setattr(split_mod, "profile_layers", fake_profile)
+    monkeypatch.setattr(partition_mod, "profile_layers", fake_profile)
     x = torch.randn(4, 1, 8, 8)
     plan = plan_split(seq_model(), 3, "time", sample_input=x)
     assert seen == {"n": 9, "shape": (4, 1, 8, 8), "device": "cpu"}
@@ -257,29 +122,6 @@ def test_time_balance_uses_measured_costs(monkeypatch: pytest.MonkeyPatch) -> No
         LayerTiming(1.25, 3.75),
         LayerTiming(1.375, 4.125),
     )
-
-
-def test_real_profile_leaves_the_model_alone() -> None:
-    model = seq_model()
-    bn = model[1]
-    assert isinstance(bn, nn.BatchNorm2d) and bn.running_mean is not None
-    stats = bn.running_mean.clone()
-    x = torch.randn(8, 1, 8, 8)
-    state = torch.get_rng_state()
-    plan = plan_split(model, 3, "time", sample_input=x, warmup=1, repeats=2)
-    assert sum(plan.layer_counts) == 9 and all(c > 0 for c in plan.layer_costs)
-    assert all(t.forward > 0 and t.backward >= 0 for t in plan.layer_timings)
-    assert plan.layer_timings[-1].backward > 0 and len(plan.stage_timings()) == 3
-    assert max(plan.stage_costs) == pytest.approx(
-        min(
-            max(sum(plan.layer_costs[a:b]) for a, b in zip((0, i, j), (i, j, 9)))
-            for i in range(1, 8)
-            for j in range(i + 1, 9)
-        )
-    )
-    assert all(p.grad is None for p in model.parameters())
-    assert torch.equal(bn.running_mean, stats) and torch.equal(torch.get_rng_state(), state)
-    json.dumps(plan.to_dict())
 
 
 def test_counts_balance_costs() -> None:
