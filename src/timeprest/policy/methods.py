@@ -1,4 +1,4 @@
-"""Method presets (DESIGN section 6): a name for a schedule plus a policy."""
+"""Method presets (docs/design.md section 6): a name for a schedule plus a policy."""
 
 from __future__ import annotations
 
@@ -19,6 +19,7 @@ from timeprest.policy.rules import (
 from timeprest.schedule.builders import (
     SCHEDULE_KINDS,
     check_schedule_size,
+    has_multiple_sequences,
     multiple_sequence_message,
 )
 
@@ -129,7 +130,7 @@ def warn_multiple_sequence(
 
     PipeDream is exempt: whole mini-batches (N = 1) are its own design.
     """
-    if schedule == "nf1b" and num_microbatches < num_stages - 1 and method != "pipedream":
+    if method != "pipedream" and has_multiple_sequences(schedule, num_stages, num_microbatches):
         warnings.warn(
             f"{method}: {multiple_sequence_message(num_stages, num_microbatches)}",
             MultipleSequenceWarning,

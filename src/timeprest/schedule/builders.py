@@ -16,7 +16,6 @@ from __future__ import annotations
 import heapq
 import warnings
 from dataclasses import dataclass
-from typing import Literal
 
 from timeprest.errors import ConfigError, MultipleSequenceWarning, ScheduleError
 from timeprest.schedule.actions import Action
@@ -26,7 +25,6 @@ from timeprest.schedule.grid import format_grid
 from timeprest.schedule.replay import Timeline, replay
 from timeprest.schedule.validate import validate
 
-ScheduleKind = Literal["gpipe", "1f1b", "nf1b", "2bw"]
 SCHEDULE_KINDS: tuple[str, ...] = ("gpipe", "1f1b", "nf1b", "2bw")
 
 
@@ -45,10 +43,6 @@ class Schedule:
     def backward_unit(self) -> BackwardUnit:
         return backward_unit_of(self.kind)
 
-    @property
-    def is_flush(self) -> bool:
-        return self.kind in ("gpipe", "1f1b")
-
     def deps(self, stage: int, action: Action) -> list[tuple[int, Action]]:
         return deps(stage, action, self.num_stages, self.num_microbatches, self.backward_unit)
 
@@ -62,6 +56,11 @@ class Schedule:
 
     def to_text(self) -> list[list[str]]:
         return [[str(a) for a in p] for p in self.programs]
+
+
+def has_multiple_sequences(kind: str, num_stages: int, num_microbatches: int) -> bool:
+    """The multiple-sequence rule: nF1B with N < W-1 splits the updates into independent chains."""
+    return kind == "nf1b" and num_microbatches < num_stages - 1
 
 
 def multiple_sequence_message(num_stages: int, num_microbatches: int) -> str:
@@ -128,7 +127,7 @@ def one_f_one_b_programs(w: int, n: int, t_count: int) -> list[list[Action]]:
 def list_rule_programs(
     w: int, n: int, t_count: int, unit: BackwardUnit, costs: Costs
 ) -> list[list[Action]]:
-    """The greedy event-driven order of DESIGN section 4.
+    """The greedy event-driven order of docs/design.md section 4.
 
     Whenever a stage is idle at time tau it starts the oldest ready backward,
     else the next forward in (t, j) order if the in-flight limit allows: at
@@ -230,7 +229,7 @@ def build_schedule(
     c = resolve_costs(costs, num_stages)
     w, n, tc = num_stages, num_microbatches, num_minibatches
     check_schedule_size(kind, w, n)
-    if kind == "nf1b" and n < w - 1 and warn:
+    if warn and has_multiple_sequences(kind, w, n):
         warnings.warn(multiple_sequence_message(w, n), MultipleSequenceWarning, stacklevel=2)
     unit = backward_unit_of(kind)
     if kind == "gpipe":

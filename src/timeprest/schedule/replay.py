@@ -54,11 +54,6 @@ class Timeline:
                 return slot.end
         raise KeyError(f"{action} is not in the program of stage {stage}")
 
-    def order(self) -> list[Slot]:
-        """All slots sorted by start time (ties: stage, then program order)."""
-        keyed = [(sl.start, sl.stage, i, sl) for row in self.stages for i, sl in enumerate(row)]
-        return [k[3] for k in sorted(keyed, key=lambda k: k[:3])]
-
 
 def replay(
     programs: Sequence[Sequence[Action]],

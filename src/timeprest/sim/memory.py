@@ -96,14 +96,6 @@ class MemoryTimeline:
     def peak_received_bytes(self) -> int:
         return max(self.received, default=0)
 
-    def at(self, time: float) -> int:
-        """Total bytes held at ``time``."""
-        idx = 0
-        for i, t in enumerate(self.times):
-            if t <= time:
-                idx = i
-        return self.total[idx]
-
 
 def memory_timelines(
     timeline: Timeline,

@@ -22,14 +22,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from timeprest.errors import ConfigError
-from timeprest.policy import (
-    Policy,
-    StagePlan,
-    get_method,
-    plan_versions,
-    resolve_policy,
-    warn_multiple_sequence,
-)
+from timeprest.policy import Policy, StagePlan, plan_versions, resolve
 from timeprest.schedule import Costs, Schedule, Slot, Timeline, build_schedule, replay
 from timeprest.sim.costmodel import CostModel
 from timeprest.sim.memory import MemoryTimeline, memory_timelines
@@ -331,21 +324,27 @@ def simulate(
 ) -> SimResult:
     """Simulate ``method`` on ``num_stages`` stages.
 
-    ``num_microbatches`` defaults to the method's default (1 for pipedream)
-    or ``num_stages``. ``cost_model`` defaults to uniform unit costs
+    (method, W, N, schedule) resolve through :func:`timeprest.policy.resolve`,
+    like every other command, so ``num_microbatches=None`` is the same N that
+    ``timeprest train`` runs (1 for pipedream, else W) and the same
+    constraints are checked. ``cost_model`` defaults to uniform unit costs
     (forward 1, backward 2, no communication, no memory sizes).
-    ``schedule`` and ``policy`` override the method's. ``order_costs`` picks
-    the costs that order the list-rule schedules (``model``: the cost model's
-    own times; ``default`` or ``paper``: the schedule package's modes, then
-    replayed under the cost model, which shows what a badly ordered
-    schedule costs).
+    ``schedule`` and ``policy`` override the method's (a ``policy`` is checked
+    against the schedule as its rules would be when given one by one).
+    ``order_costs`` picks the costs that order the list-rule schedules
+    (``model``: the cost model's own times; ``default`` or ``paper``: the
+    schedule package's modes, then replayed under the cost model, which shows
+    what a badly ordered schedule costs).
     """
-    m = get_method(method)
-    kind, pol = resolve_policy(method, schedule=schedule)
+    overrides: dict[str, Any] = {}
     if policy is not None:
-        pol = policy
-    if num_microbatches is None:
-        num_microbatches = m.default_microbatches or num_stages
+        overrides = {
+            "forward": policy.forward,
+            "backward": policy.backward,
+            "grad_rule": policy.grad_rule,
+            "significance": policy.significance,
+        }
+    res = resolve(method, num_stages, num_microbatches, schedule=schedule, **overrides)
     cm = CostModel.uniform(num_stages) if cost_model is None else cost_model
     if cm.num_stages != num_stages:
         raise ConfigError(
@@ -356,9 +355,10 @@ def simulate(
             f"unknown order costs {order_costs!r}: expected one of {', '.join(ORDER_COSTS)}"
         )
     order: Costs | str = cm.to_costs() if order_costs == "model" else order_costs
-    warn_multiple_sequence(m.name, kind, num_stages, num_microbatches)
-    sched = build_schedule(kind, num_stages, num_microbatches, num_minibatches, order, warn=False)
-    return simulate_schedule(sched, pol, cm, method=method)
+    sched = build_schedule(
+        res.schedule, num_stages, res.num_microbatches, num_minibatches, order, warn=False
+    )
+    return simulate_schedule(sched, res.policy, cm, method=method)
 
 
 def format_bytes(n: float) -> str:
