@@ -354,3 +354,26 @@ def test_resume_with_a_corrupt_split_file_is_one_line(tmp_path):
     (run_dir / "split.json").write_text("{not json")
     rc, _, err = train(*BASE, "--epochs", "2", "--run-dir", str(run_dir), "--resume")
     assert_one_line_error(rc, err, "split.json is unreadable")
+
+
+def test_distributed_outside_torchrun_relaunches_the_same_loop(tmp_path):
+    """``--engine distributed --nproc 2`` starts torchrun itself; its workers run the one loop
+    (same files, same numbers as the emulator) and the parent reads the result back."""
+    base = [*BASE, "--threads", "1", "--lr-schedule", "constant"]
+    rc, _, err = train(*base, "--run-dir", str(tmp_path / "emulated"))
+    assert rc == 0, err
+    rc, out, err = train(
+        *base, "--engine", "distributed", "--nproc", "2", "--run-dir", str(tmp_path / "dist")
+    )
+    assert rc == 0, err
+    assert "starting 2 processes with torchrun" in out
+    for name in ("config.json", "env.json", "split.json", "summary.json"):
+        assert (tmp_path / "dist" / name).is_file(), name
+    assert json.loads((tmp_path / "dist" / "env.json").read_text())["processes"] == 2
+    want = jsonl(tmp_path / "emulated" / "minibatches.jsonl")
+    got = jsonl(tmp_path / "dist" / "minibatches.jsonl")
+    assert [m["loss"] for m in got] == [m["loss"] for m in want]
+    keys = ("train_loss", "test_loss", "test_accuracy", "peak_versions")
+    (e_want,) = jsonl(tmp_path / "emulated" / "epochs.jsonl")
+    (e_got,) = jsonl(tmp_path / "dist" / "epochs.jsonl")
+    assert [e_got[k] for k in keys] == [e_want[k] for k in keys]

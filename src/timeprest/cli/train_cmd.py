@@ -18,7 +18,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_training_flags(p)
     p.add_argument(
         "--run-dir",
-        default=None,
+        default=argparse.SUPPRESS,  # unset: the config file's, else the default name
         help="where to write the run (default runs/<method>-<model>-<dataset>-W<stages>-s<seed>)",
     )
     p.add_argument(
@@ -32,7 +32,6 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    forced = {"run_dir": args.run_dir} if args.run_dir else {}
-    cfg = config_from_args(args, **forced)
+    cfg = config_from_args(args)
     run_training(cfg, resume=args.resume, overwrite=args.overwrite)
     return 0
