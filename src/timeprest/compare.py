@@ -265,22 +265,13 @@ def _measure_split(cfg: TrainConfig) -> list[int]:
     import torch
 
     from timeprest.data import load_dataset
-    from timeprest.models import build_model
-    from timeprest.splitting import plan_split
+    from timeprest.train.loop import seeded_model, split_plan
 
     if cfg.threads is not None:
         torch.set_num_threads(cfg.threads)
     data = load_dataset(cfg.dataset, cfg.data_dir, image_size=cfg.image_size, seed=cfg.seed)
-    torch.manual_seed(cfg.seed)
-    model = build_model(
-        cfg.model,
-        in_channels=data.in_channels,
-        num_classes=data.num_classes,
-        image_size=data.image_size,
-    ).to(cfg.device)
-    n = cfg.microbatches or cfg.stages
-    sample = data.train.x[: max(cfg.batch_size // n, 1)].to(cfg.device)
-    plan = plan_split(model, cfg.stages, "time", sample_input=sample, device=cfg.device)
+    model = seeded_model(cfg, data, cfg.device)
+    plan = split_plan(cfg, model, data.train, "time", cfg.microbatches or cfg.stages, cfg.device)
     return list(plan.layer_counts)
 
 

@@ -17,10 +17,11 @@ from typing import Any
 from timeprest.errors import ConfigError
 from timeprest.policy import Resolved, method_names, resolve
 from timeprest.train import TrainConfig, load_config_file
+from timeprest.train.config import POLICY_OVERRIDES
 
 # the pipeline's shape and rules: what every command that builds a schedule takes
 PIPELINE_FLAGS = ("method", "stages", "microbatches")
-POLICY_FLAGS = ("schedule", "forward", "backward", "grad_rule", "significance", "decay")
+POLICY_FLAGS = POLICY_OVERRIDES
 COSTS_FLAG = ("costs",)
 
 _FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
@@ -93,18 +94,8 @@ def resolve_args(args: argparse.Namespace, *, warn: bool = True) -> Resolved:
     n = args.microbatches
     if n is not None and n < 1:  # named by its flag here: resolve() names the argument
         raise ConfigError(f"--microbatches: the number of micro-batches must be >= 1, got {n}")
-    return resolve(
-        args.method,
-        args.stages,
-        args.microbatches,
-        schedule=getattr(args, "schedule", None),
-        forward=getattr(args, "forward", None),
-        backward=getattr(args, "backward", None),
-        grad_rule=getattr(args, "grad_rule", None),
-        significance=getattr(args, "significance", None),
-        decay=getattr(args, "decay", None),
-        warn=warn,
-    )
+    overrides: dict[str, Any] = {name: getattr(args, name, None) for name in POLICY_OVERRIDES}
+    return resolve(args.method, args.stages, n, warn=warn, **overrides)
 
 
 def add_training_flags(p: argparse.ArgumentParser, *, with_method: bool = True) -> None:

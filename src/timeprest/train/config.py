@@ -26,6 +26,9 @@ LR_SCHEDULES = ("constant", "cosine")
 DEVICES = ("cpu", "cuda")
 ENGINES = ("emulate", "distributed")
 
+# the fields that override parts of a method's preset, as policy.resolve() names them
+POLICY_OVERRIDES = ("schedule", "forward", "backward", "grad_rule", "significance", "decay")
+
 Group = Literal["data and model", "pipeline", "optimisation", "execution"]
 
 
@@ -193,18 +196,11 @@ class TrainConfig:
 
     def resolved(self, *, warn: bool = True) -> Resolved:
         """The method, schedule, policy and N of this run, every constraint checked."""
-        return resolve(
-            self.method,
-            self.stages,
-            self.microbatches,
-            schedule=self.schedule,
-            forward=self.forward,
-            backward=self.backward,
-            grad_rule=self.grad_rule,
-            significance=self.significance,
-            decay=self.decay,
-            warn=warn,
-        )
+        return resolve(self.method, self.stages, self.microbatches, **self.overrides(), warn=warn)
+
+    def overrides(self) -> dict[str, Any]:
+        """The parts of the method's preset this run replaces (None: the method's own)."""
+        return {name: getattr(self, name) for name in POLICY_OVERRIDES}
 
     @property
     def num_microbatches(self) -> int:

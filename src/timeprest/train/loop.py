@@ -17,7 +17,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 from torch import nn
@@ -45,6 +45,7 @@ from timeprest.train.rundir import (
 if TYPE_CHECKING:
     from timeprest.data import Dataset
     from timeprest.pipeline import Pipeline
+    from timeprest.splitting import SplitPlan
 
 
 @dataclass
@@ -94,12 +95,7 @@ def build_pipeline(cfg: TrainConfig, steps_per_epoch: int, **options: Any) -> Pi
         num_microbatches=cfg.num_microbatches,
         optimizer=make_optimizer(cfg),
         loss_fn=nn.functional.cross_entropy,
-        schedule=cfg.schedule,
-        forward=cfg.forward,
-        backward=cfg.backward,
-        grad_rule=cfg.grad_rule,
-        significance=cfg.significance,
-        decay=cfg.decay,
+        **cfg.overrides(),
         costs=cfg.costs,
         seed=cfg.seed,
         lr_lambda=lr_factor(cfg, steps_per_epoch),
@@ -167,6 +163,40 @@ def _load_data(cfg: TrainConfig) -> tuple[Dataset, Dataset, _DataInfo]:
     return train, test, info
 
 
+class ModelShape(Protocol):
+    """What a model is built for: a DatasetPair, or what the data processes broadcast."""
+
+    @property
+    def in_channels(self) -> int: ...
+    @property
+    def num_classes(self) -> int: ...
+    @property
+    def image_size(self) -> int: ...
+
+
+def seeded_model(cfg: TrainConfig, shape: ModelShape, device: str) -> nn.Module:
+    """``cfg.model`` for data of ``shape``, its initial weights drawn from ``cfg.seed``."""
+    from timeprest.models import build_model
+
+    torch.manual_seed(cfg.seed)
+    return build_model(
+        cfg.model,
+        in_channels=shape.in_channels,
+        num_classes=shape.num_classes,
+        image_size=shape.image_size,
+    ).to(device)
+
+
+def split_plan(
+    cfg: TrainConfig, model: nn.Module, train: Dataset, balance: Any, n: int, device: str
+) -> SplitPlan:
+    """The split of ``model``; ``balance="time"`` times one micro-batch of ``n`` per mini-batch."""
+    from timeprest.splitting import plan_split
+
+    sample = train.x[: max(cfg.batch_size // n, 1)].to(device)
+    return plan_split(model, cfg.stages, balance, sample_input=sample, device=device)
+
+
 def _train(
     cfg: TrainConfig,
     ctx: RunContext,
@@ -176,8 +206,7 @@ def _train(
     log: Callable[[str], None],
 ) -> RunResult:
     from timeprest.data import make_batches, num_batches
-    from timeprest.models import build_model
-    from timeprest.splitting import apply_plan, plan_split
+    from timeprest.splitting import apply_plan
     from timeprest.tensorboard import EpochWriter
 
     run_dir = Path(
@@ -194,19 +223,12 @@ def _train(
 
     # every process builds the same model from the seed; the writer chooses the split
     # (timings differ between processes) and every process keeps what it runs
-    torch.manual_seed(cfg.seed)
-    model = build_model(
-        cfg.model,
-        in_channels=info.in_channels,
-        num_classes=info.num_classes,
-        image_size=info.image_size,
-    ).to(ctx.model_device)
+    model = seeded_model(cfg, info, ctx.model_device)
 
     def choose_split() -> Any:
         assert train_set is not None, "the writer reads the data"
         balance = saved_split(run_dir, resume) or cfg.balance_value()
-        sample = train_set.x[: max(cfg.batch_size // n, 1)].to(ctx.model_device)
-        return plan_split(model, cfg.stages, balance, sample_input=sample, device=ctx.model_device)
+        return split_plan(cfg, model, train_set, balance, n, ctx.model_device)
 
     plan = ctx.on_writer("splitting the model", choose_split)
     stages = apply_plan(model, plan)
