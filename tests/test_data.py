@@ -21,6 +21,7 @@ from timeprest.data import (
     augment_batch,
     load_dataset,
     make_batches,
+    subset,
 )
 from timeprest.data import download as dl
 from timeprest.errors import ConfigError, DataError
@@ -456,4 +457,4 @@ def test_dataset_checks_shapes() -> None:
         Dataset(torch.zeros(3, 4), torch.zeros(3, dtype=torch.int64))
     with pytest.raises(DataError, match="images: 3"):
         Dataset(torch.zeros(3, 1, 2, 2), torch.zeros(4, dtype=torch.int64))
-    assert len(small_set(10).take(3)) == 3
+    assert len(subset(small_set(10), 3, seed=0, part="train")) == 3

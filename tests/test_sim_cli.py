@@ -61,7 +61,7 @@ def test_simulate_with_a_cost_file(capsys, tmp_path):
     path = tmp_path / "c.json"
     CostModel.uniform(2, 0.5, 1.0, weight_bytes=10).save(path)
     code, out, _ = run(
-        capsys, "simulate", "--method", "v-timeprest", "--stages", "2", "--costs", str(path),
+        capsys, "simulate", "--method", "v-timeprest", "--stages", "2", "--cost-file", str(path),
         "--format", "json",
     )  # fmt: skip
     assert code == 0
@@ -80,20 +80,20 @@ def _one_line_error(code: int, out: str, err: str, *needles: str) -> None:
 
 def test_simulate_bad_inputs(capsys, tmp_path):
     base = ["simulate", "--method", "gpipe", "--stages", "2"]
-    _one_line_error(*run(capsys, *base, "--costs", str(tmp_path / "no.json")), "does not exist")
+    _one_line_error(*run(capsys, *base, "--cost-file", str(tmp_path / "no.json")), "does not exist")
     bad = tmp_path / "bad.json"
     bad.write_text("{not json")
-    _one_line_error(*run(capsys, *base, "--costs", str(bad)), "not valid JSON")
+    _one_line_error(*run(capsys, *base, "--cost-file", str(bad)), "not valid JSON")
     neg = tmp_path / "neg.json"
     data = CostModel.uniform(2).to_json()
     data["stages"][0]["forward_time"] = -1
     neg.write_text(json.dumps(data))
-    _one_line_error(*run(capsys, *base, "--costs", str(neg)), "stage 0", "forward_time")
+    _one_line_error(*run(capsys, *base, "--cost-file", str(neg)), "stage 0", "forward_time")
     three = tmp_path / "three.json"
     CostModel.uniform(3).save(three)
-    _one_line_error(*run(capsys, *base, "--costs", str(three)), "3 stages", "--stages 2")
+    _one_line_error(*run(capsys, *base, "--cost-file", str(three)), "3 stages", "--stages 2")
     _one_line_error(
-        *run(capsys, *base, "--costs", str(three), "--forward-time", "2"), "drop --forward-time"
+        *run(capsys, *base, "--cost-file", str(three), "--forward-time", "2"), "drop --forward-time"
     )
     _one_line_error(*run(capsys, *base, "--forward-time", "-1"), "--forward-time")
     _one_line_error(*run(capsys, *base, "--comm-time", "-0.5"), "--comm-time")
@@ -125,7 +125,7 @@ def test_profile_writes_a_cost_file_simulate_reads(capsys, tmp_path):
     assert all(c.weight_bytes > 0 and c.forward_time > 0 for c in cm.stages)
     assert cm.stages[0].output_bytes > 0 and cm.stages[1].output_bytes == 0
     code, out, err = run(
-        capsys, "simulate", "--method", "pipedream", "--stages", "2", "--costs", str(out_file)
+        capsys, "simulate", "--method", "pipedream", "--stages", "2", "--cost-file", str(out_file)
     )
     assert code == 0, err
     assert "KiB" in out

@@ -12,6 +12,7 @@ from helpers import SMALL_RUN, run_cli
 from helpers import assert_one_line_error as one_line_error
 from timeprest.data import download
 from timeprest.tensorboard import EpochWriter
+from timeprest.train import EpochRow
 
 # small and quick: 8 mini-batches of 32 rows, two stages split by parameter count
 BASE = [*SMALL_RUN, "--epochs", "1"]
@@ -24,6 +25,7 @@ EPOCH_FIELDS = {
     "epoch_time",
     "wall_time",
     "samples_per_s",
+    "lr_factor_end",
     "mean_staleness",
     "mean_relative_distance",
     "peak_versions",
@@ -298,7 +300,7 @@ def test_tensorboard_writer_logs_epoch_rows(trained, monkeypatch, tmp_path):
     assert w.active
     fake = FakeSummaryWriter.instances[-1]
     assert fake.log_dir == str(tmp_path / "tensorboard") and fake.purge_step == 4
-    w.write(row)
+    w.write(EpochRow.from_dict(row))
     got = {tag: (v, step) for tag, v, step in fake.scalars}
     assert got["test/accuracy"] == (row["test_accuracy"], 1)
     assert got["train/loss"] == (row["train_loss"], 1)
@@ -316,7 +318,7 @@ def test_tensorboard_writer_is_a_no_op_without_the_package(monkeypatch, tmp_path
     monkeypatch.setattr(tb, "summary_writer_class", lambda: None)
     w = EpochWriter(tmp_path)
     assert not w.active
-    w.write({"epoch": 1, "test_accuracy": 0.5})
+    w.write(EpochRow.from_dict({**{k: [0] for k in EPOCH_FIELDS}, "epoch": 1}))
     w.close()
     assert not (tmp_path / "tensorboard").exists()
 
@@ -325,7 +327,7 @@ def test_tensorboard_real_event_files(trained, tmp_path):
     pytest.importorskip("tensorboard")
     (row,) = jsonl(trained[0] / "epochs.jsonl")
     w = EpochWriter(tmp_path)
-    w.write(row)
+    w.write(EpochRow.from_dict(row))
     w.close()
     assert any(
         p.name.startswith("events.out.tfevents") for p in (tmp_path / "tensorboard").iterdir()
@@ -337,7 +339,7 @@ def test_epochs_to_target_is_the_first_epoch_that_reaches_it(target, want):
     from timeprest.train import TrainConfig, summarize
 
     history = [
-        {**{k: 0 for k in EPOCH_FIELDS}, "epoch": e + 1, "test_accuracy": acc}
+        EpochRow.from_dict({**{k: 0 for k in EPOCH_FIELDS}, "epoch": e + 1, "test_accuracy": acc})
         for e, acc in enumerate([0.2, 0.5, 0.4])
     ]
     summary = summarize(TrainConfig(target_accuracy=target), history)
@@ -352,3 +354,26 @@ def test_resume_with_a_corrupt_split_file_is_one_line(tmp_path):
     (run_dir / "split.json").write_text("{not json")
     rc, _, err = train(*BASE, "--epochs", "2", "--run-dir", str(run_dir), "--resume")
     assert_one_line_error(rc, err, "split.json is unreadable")
+
+
+def test_distributed_outside_torchrun_relaunches_the_same_loop(tmp_path):
+    """``--engine distributed --nproc 2`` starts torchrun itself; its workers run the one loop
+    (same files, same numbers as the emulator) and the parent reads the result back."""
+    base = [*BASE, "--threads", "1", "--lr-schedule", "constant"]
+    rc, _, err = train(*base, "--run-dir", str(tmp_path / "emulated"))
+    assert rc == 0, err
+    rc, out, err = train(
+        *base, "--engine", "distributed", "--nproc", "2", "--run-dir", str(tmp_path / "dist")
+    )
+    assert rc == 0, err
+    assert "starting 2 processes with torchrun" in out
+    for name in ("config.json", "env.json", "split.json", "summary.json"):
+        assert (tmp_path / "dist" / name).is_file(), name
+    assert json.loads((tmp_path / "dist" / "env.json").read_text())["processes"] == 2
+    want = jsonl(tmp_path / "emulated" / "minibatches.jsonl")
+    got = jsonl(tmp_path / "dist" / "minibatches.jsonl")
+    assert [m["loss"] for m in got] == [m["loss"] for m in want]
+    keys = ("train_loss", "test_loss", "test_accuracy", "peak_versions")
+    (e_want,) = jsonl(tmp_path / "emulated" / "epochs.jsonl")
+    (e_got,) = jsonl(tmp_path / "dist" / "epochs.jsonl")
+    assert [e_got[k] for k in keys] == [e_want[k] for k in keys]

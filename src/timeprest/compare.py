@@ -12,7 +12,7 @@ Rules that keep the comparison fair and repeatable:
   ``i-timeprest@0.5``) changed: same data, seed, batch, optimizer, epochs.
 - Micro-batches: without ``--microbatches`` each method takes its own
   default, which is N = W for all but ``pipedream``, whose design is whole
-  mini-batches (N = 1, DESIGN section 6). An explicit ``--microbatches``
+  mini-batches (N = 1, docs/design.md section 6). An explicit ``--microbatches``
   applies to every method, pipedream included.
 - The stage split is the same for all: ``--balance time`` is measured once
   (on a micro-batch of the default size) and fixed as layer counts, saved in
@@ -41,7 +41,14 @@ from typing import Any, Literal
 from timeprest.errors import ConfigError, NonFiniteLossError
 from timeprest.files import read_json, write_json
 from timeprest.policy import get_method
-from timeprest.train import RUN_IDENTITY, TrainConfig, run_training
+from timeprest.train import (
+    RUN_IDENTITY,
+    EpochRow,
+    TrainConfig,
+    epochs_to_target,
+    read_epochs,
+    run_training,
+)
 
 DEFAULT_METHODS = ("pipedream", "timeprest", "v-timeprest", "i-timeprest", "gpipe")
 
@@ -110,7 +117,7 @@ class Outcome:
     run_dir: Path
     action: Action
     config: TrainConfig
-    epochs: list[dict[str, Any]]
+    epochs: list[EpochRow]
     failure: str | None = None
     """Why training stopped early (the loss diverged), else None."""
 
@@ -158,7 +165,7 @@ def compare(
                 # a diverging method is a result of the comparison, not a reason to drop the rest
                 failure = str(exc).splitlines()[0]
                 log(f"{spec.text} diverged: {failure}")
-        outcomes.append(Outcome(spec, run_dir, action, cfg, _epochs(run_dir), failure))
+        outcomes.append(Outcome(spec, run_dir, action, cfg, read_epochs(run_dir), failure))
 
     plot_files: list[Path] = []
     if plots:
@@ -212,13 +219,7 @@ def _finished(run_dir: Path, epochs: int) -> bool:
         summary = json.loads((run_dir / "summary.json").read_text())
     except (OSError, json.JSONDecodeError):
         return False
-    return summary.get("epochs") == epochs and len(_epochs(run_dir)) == epochs
-
-
-def _epochs(run_dir: Path) -> list[dict[str, Any]]:
-    from timeprest.plots import read_epochs
-
-    return read_epochs(run_dir)
+    return summary.get("epochs") == epochs and len(read_epochs(run_dir)) == epochs
 
 
 def fixed_time_split(
@@ -264,29 +265,14 @@ def _measure_split(cfg: TrainConfig) -> list[int]:
     import torch
 
     from timeprest.data import load_dataset
-    from timeprest.models import build_model
-    from timeprest.splitting import plan_split
+    from timeprest.train.loop import seeded_model, split_plan
 
     if cfg.threads is not None:
         torch.set_num_threads(cfg.threads)
     data = load_dataset(cfg.dataset, cfg.data_dir, image_size=cfg.image_size, seed=cfg.seed)
-    torch.manual_seed(cfg.seed)
-    model = build_model(
-        cfg.model,
-        in_channels=data.in_channels,
-        num_classes=data.num_classes,
-        image_size=data.image_size,
-    ).to(cfg.device)
-    n = cfg.microbatches or cfg.stages
-    sample = data.train.x[: max(cfg.batch_size // n, 1)].to(cfg.device)
-    plan = plan_split(model, cfg.stages, "time", sample_input=sample, device=cfg.device)
+    model = seeded_model(cfg, data, cfg.device)
+    plan = split_plan(cfg, model, data.train, "time", cfg.microbatches or cfg.stages, cfg.device)
     return list(plan.layer_counts)
-
-
-def epochs_to_target(epochs: list[dict[str, Any]], target: float | None) -> int | None:
-    if target is None:
-        return None
-    return next((e["epoch"] for e in epochs if e["test_accuracy"] >= target), None)
 
 
 def result_row(o: Outcome, target: float | None) -> dict[str, Any]:
@@ -314,18 +300,18 @@ def result_row(o: Outcome, target: float | None) -> dict[str, Any]:
         for key in _FIGURES:
             row[key] = None
         return row
-    best = max(eps, key=lambda e: e["test_accuracy"])
-    stages = range(len(eps[-1]["peak_weight_bytes"]))
+    best = max(eps, key=lambda e: e.test_accuracy)
+    stages = range(eps[-1].num_stages)
     row.update(
-        final_test_accuracy=eps[-1]["test_accuracy"],
-        best_test_accuracy=best["test_accuracy"],
-        best_epoch=best["epoch"],
+        final_test_accuracy=eps[-1].test_accuracy,
+        best_test_accuracy=best.test_accuracy,
+        best_epoch=best.epoch,
         epochs_to_target=epochs_to_target(eps, target),
-        peak_versions=[max(e["peak_versions"][s] for e in eps) for s in stages],
-        peak_weight_bytes=[max(e["peak_weight_bytes"][s] for e in eps) for s in stages],
+        peak_versions=[max(e.peak_versions[s] for e in eps) for s in stages],
+        peak_weight_bytes=[max(e.peak_weight_bytes[s] for e in eps) for s in stages],
         # every epoch has the same number of mini-batches: the mean of means is the mean
-        mean_staleness=[sum(e["mean_staleness"][s] for e in eps) / len(eps) for s in stages],
-        mean_epoch_time=sum(e["epoch_time"] for e in eps) / len(eps),
+        mean_staleness=[sum(e.mean_staleness[s] for e in eps) / len(eps) for s in stages],
+        mean_epoch_time=sum(e.epoch_time for e in eps) / len(eps),
     )
     return row
 

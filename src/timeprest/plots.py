@@ -32,24 +32,13 @@ from typing import TYPE_CHECKING, Any
 
 from timeprest.errors import ConfigError
 from timeprest.files import read_json
+from timeprest.train.records import EpochRow, read_epochs
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
     from matplotlib.figure import Figure
 
 PLOT_FILES = ("accuracy.png", "loss.png", "memory.png", "staleness.png")
-
-# epochs.jsonl fields the figures read; a run lacking one was written by something else
-_EPOCH_FIELDS = (
-    "epoch",
-    "train_loss",
-    "test_accuracy",
-    "wall_time",
-    "mean_staleness",
-    "mean_relative_distance",
-    "peak_versions",
-    "peak_weight_bytes",
-)
 
 
 @dataclass
@@ -58,20 +47,20 @@ class RunData:
 
     path: Path
     config: dict[str, Any]
-    epochs: list[dict[str, Any]]
+    epochs: list[EpochRow]
     label: str
 
     @property
     def num_stages(self) -> int:
-        return len(self.epochs[-1]["peak_versions"])
+        return self.epochs[-1].num_stages
 
     def stage_mean(self, key: str) -> list[float]:
         """Per-stage mean over epochs (every epoch has the same number of mini-batches)."""
-        rows = [e[key] for e in self.epochs]
+        rows = [getattr(e, key) for e in self.epochs]
         return [sum(r[s] for r in rows) / len(rows) for s in range(self.num_stages)]
 
     def stage_peak(self, key: str) -> list[float]:
-        rows = [e[key] for e in self.epochs]
+        rows = [getattr(e, key) for e in self.epochs]
         return [max(r[s] for r in rows) for s in range(self.num_stages)]
 
 
@@ -97,33 +86,10 @@ def load_run(path: str | os.PathLike[str]) -> RunData:
             "written by timeprest train or timeprest compare"
         )
     config = read_json(cfg_file)
-    epochs = read_epochs(run_dir)
+    epochs = read_epochs(run_dir)  # a row another program wrote fails here, naming its gaps
     if not epochs:
         raise ConfigError(f"{run_dir} has no finished epoch yet (epochs.jsonl is missing or empty)")
-    for row in epochs:
-        missing = [k for k in _EPOCH_FIELDS if k not in row]
-        if missing:
-            raise ConfigError(
-                f"{run_dir / 'epochs.jsonl'}: epoch {row.get('epoch', '?')} lacks "
-                f"{', '.join(missing)}; was it written by timeprest train?"
-            )
     return RunData(run_dir, config, epochs, run_label(config))
-
-
-def read_epochs(run_dir: Path) -> list[dict[str, Any]]:
-    """The rows of ``epochs.jsonl`` (empty when there is none)."""
-    log = run_dir / "epochs.jsonl"
-    if not log.is_file():
-        return []
-    rows = []
-    for n, line in enumerate(log.read_text().splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError as exc:
-            raise ConfigError(f"{log}, line {n}: not JSON ({exc})") from None
-    return rows
 
 
 def expand_run_dirs(paths: Sequence[str | os.PathLike[str]]) -> list[Path]:
@@ -242,9 +208,9 @@ def _curves(
     ax_e, ax_t = fig.subplots(1, 2)
     values = []
     for i, run in enumerate(runs):
-        epochs = [e["epoch"] for e in run.epochs]
-        wall = [e["wall_time"] for e in run.epochs]
-        ys = [e[key] * scale for e in run.epochs]
+        epochs = [e.epoch for e in run.epochs]
+        wall = [e.wall_time for e in run.epochs]
+        ys = [getattr(e, key) * scale for e in run.epochs]
         values += ys
         # markers: a one-epoch run is a single point and must still show
         ax_e.plot(epochs, ys, marker="o", color=_color(i), label=run.label)

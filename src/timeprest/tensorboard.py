@@ -17,9 +17,12 @@ from __future__ import annotations
 import os
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Protocol
 
-# scalar fields of an epochs.jsonl row and their tags
+if TYPE_CHECKING:
+    from timeprest.train.records import EpochRow
+
+# scalar fields of an epoch row (timeprest.train.records.EpochRow) and their tags
 _SCALARS = {
     "test_accuracy": "test/accuracy",
     "test_loss": "test/loss",
@@ -77,16 +80,15 @@ class EpochWriter:
     def active(self) -> bool:
         return self._writer is not None
 
-    def write(self, row: dict[str, Any]) -> None:
-        """Log an ``epochs.jsonl`` row at step ``row["epoch"]``; flushed so a crash keeps it."""
+    def write(self, row: EpochRow) -> None:
+        """Log an epoch row at step ``row.epoch``; flushed so a crash keeps it."""
         if self._writer is None:
             return
-        step = int(row["epoch"])
+        step = row.epoch
         for key, tag in _SCALARS.items():
-            if row.get(key) is not None:
-                self._writer.add_scalar(tag, float(row[key]), step)
+            self._writer.add_scalar(tag, float(getattr(row, key)), step)
         for key, prefix in _PER_STAGE.items():
-            for s, value in enumerate(row.get(key) or []):
+            for s, value in enumerate(getattr(row, key)):
                 self._writer.add_scalar(f"{prefix}/stage{s}", float(value), step)
         self._writer.flush()
 

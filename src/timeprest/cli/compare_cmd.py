@@ -16,7 +16,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from timeprest.cli.train_cmd import add_training_flags, config_from_args
+from timeprest.cli.common import add_training_flags, config_from_args
 from timeprest.compare import DEFAULT_METHODS, compare
 
 

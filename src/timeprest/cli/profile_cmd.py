@@ -4,7 +4,7 @@ Example::
 
     timeprest profile --model cnn --dataset fashion-mnist --stages 4 --microbatches 4 \\
         --batch-size 128 --out costs.json
-    timeprest simulate --method v-timeprest --stages 4 --microbatches 4 --costs costs.json
+    timeprest simulate --method v-timeprest --stages 4 --microbatches 4 --cost-file costs.json
 """
 
 from __future__ import annotations
@@ -13,9 +13,10 @@ import argparse
 import importlib
 from typing import Any
 
+from timeprest.cli.common import add_pipeline_flags, resolve_args
 from timeprest.errors import ConfigError
-from timeprest.policy.methods import DEFAULT_METHOD
 from timeprest.sim.simulate import format_bytes
+from timeprest.train.config import parse_balance
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -30,11 +31,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--model", required=True, help="model name: mlp, cnn, resnet18, vgg16, resnet50")
     p.add_argument("--dataset", required=True, help="dataset name, e.g. fashion-mnist, synthetic")
-    p.add_argument("--stages", type=int, required=True, help="number of stages W")
+    # the method whose engine path is timed: its schedule, weight versions and update
+    add_pipeline_flags(p, policy=False, costs=False)
     p.add_argument("--batch-size", type=int, default=128, help="rows per mini-batch (default 128)")
-    p.add_argument(
-        "--microbatches", type=int, default=None, help="micro-batches per mini-batch N (default W)"
-    )
     p.add_argument(
         "--balance",
         default="time",
@@ -47,12 +46,6 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="optimizer whose step is timed and whose state is sized (default sgd)",
     )
     p.add_argument("--momentum", type=float, default=0.9, help="SGD momentum (default 0.9)")
-    p.add_argument(
-        "--method",
-        default=DEFAULT_METHOD,
-        help="method whose engine path is timed: its schedule, weight versions and update "
-        f"(default {DEFAULT_METHOD})",
-    )
     p.add_argument(
         "--layers-only",
         action="store_true",
@@ -86,18 +79,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-def parse_balance(text: str) -> str | list[int]:
-    if text in ("time", "params"):
-        return text
-    try:
-        counts = [int(v) for v in text.split(",")]
-    except ValueError:
-        raise ConfigError(
-            f"--balance must be time, params or comma-separated layer counts, got {text!r}"
-        ) from None
-    return counts
-
-
 def _front_end() -> tuple[Any, Any, Any]:
     """The model, data and split functions (written separately from the simulator)."""
     try:
@@ -117,12 +98,8 @@ def run(args: argparse.Namespace) -> int:
 
     from timeprest.sim.profile import profile_stages
 
-    w = args.stages
-    if w is None or w < 1:
-        raise ConfigError(f"--stages must be >= 1, got {w}")
-    n = args.microbatches if args.microbatches is not None else w
-    if n < 1:
-        raise ConfigError(f"--microbatches must be >= 1, got {n}")
+    resolved = resolve_args(args, warn=False)  # the method's N by default, as everywhere
+    w, n = resolved.num_stages, resolved.num_microbatches
     if args.batch_size < n:
         raise ConfigError(
             f"--batch-size {args.batch_size} is smaller than --microbatches {n}: "
@@ -134,10 +111,6 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(f"--latency must be >= 0, got {args.latency}")
     if args.measure_link and (args.bandwidth is not None or args.latency != 0.0):
         raise ConfigError("give --measure-link or --bandwidth/--latency, not both")
-    if not args.layers_only:
-        from timeprest.policy.methods import get_method
-
-        get_method(args.method)  # an unknown name fails before any data is loaded
     balance = parse_balance(args.balance)
     build_model, load_dataset, split = _front_end()
 

@@ -3,7 +3,7 @@
 Examples::
 
     timeprest simulate --method v-timeprest --stages 4 --microbatches 4 --minibatches 16
-    timeprest simulate --method pipedream --stages 4 --costs costs.json --format json
+    timeprest simulate --method pipedream --stages 4 --cost-file costs.json --format json
     timeprest simulate --method i-timeprest --stages 4 --microbatches 4 --minibatches 6 \\
         --weight-bytes 4194304 --activation-bytes 1048576 --png gantt.png --trace trace.json
 """
@@ -15,8 +15,8 @@ import json
 import sys
 import warnings
 
+from timeprest.cli.common import add_pipeline_flags, resolve_args
 from timeprest.errors import ConfigError
-from timeprest.policy import method_names
 from timeprest.sim.costmodel import uniform_or_file
 from timeprest.sim.simulate import ORDER_COSTS, format_text, simulate
 from timeprest.sim.trace import write_chrome_trace
@@ -32,17 +32,15 @@ def register(sub: argparse._SubParsersAction) -> None:
             "weight versions, peak memory and staleness per stage."
         ),
     )
-    p.add_argument("--method", required=True, help=f"one of: {', '.join(method_names())}")
-    p.add_argument("--stages", type=int, required=True, help="number of stages W")
-    p.add_argument(
-        "--microbatches",
-        type=int,
-        default=None,
-        help="micro-batches per mini-batch N (default: the method's, else W)",
-    )
+    # no --costs mode: --order-costs says which costs order the schedule
+    add_pipeline_flags(p, costs=False)
     p.add_argument("--minibatches", type=int, default=32, help="mini-batches T (default 32)")
-    p.add_argument("--schedule", default=None, help="override the method's schedule kind")
-    p.add_argument("--costs", default=None, metavar="FILE", help="cost file (JSON) to use")
+    p.add_argument(
+        "--cost-file",
+        default=None,
+        metavar="FILE",
+        help="cost file (JSON, from `timeprest profile`) instead of uniform costs",
+    )
     p.add_argument(
         "--forward-time",
         type=float,
@@ -135,9 +133,11 @@ UNIFORM_DEFAULTS: dict[str, float] = {
 
 def run(args: argparse.Namespace) -> int:
     given = {k: getattr(args, k) for k in UNIFORM_DEFAULTS if getattr(args, k) is not None}
-    if args.costs is not None and given:
+    if args.cost_file is not None and given:
         flags = ", ".join("--" + k.replace("_", "-") for k in given)
-        raise ConfigError(f"--costs {args.costs} gives every cost; drop {flags} or drop --costs")
+        raise ConfigError(
+            f"--cost-file {args.cost_file} gives every cost; drop {flags} or drop --cost-file"
+        )
     v = {**UNIFORM_DEFAULTS, **given}
     for name, value in v.items():
         if not (value >= 0):  # also NaN
@@ -145,11 +145,10 @@ def run(args: argparse.Namespace) -> int:
     for name in ("forward_time", "backward_time"):
         if v[name] == 0:
             raise ConfigError(f"--{name.replace('_', '-')} must be > 0, got 0")
-    if args.stages is None or args.stages < 1:
-        raise ConfigError(f"--stages must be >= 1, got {args.stages}")
+    r = resolve_args(args, warn=False)  # simulate() warns about what it builds
     cost_model = uniform_or_file(
-        args.stages,
-        args.costs,
+        r.num_stages,
+        args.cost_file,
         v["forward_time"],
         v["backward_time"],
         v["comm_time"],
@@ -163,12 +162,13 @@ def run(args: argparse.Namespace) -> int:
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         result = simulate(
-            args.method,
-            args.stages,
-            args.microbatches,
+            r.method.name,
+            r.num_stages,
+            r.num_microbatches,
             args.minibatches,
             cost_model,
-            schedule=args.schedule,
+            schedule=r.schedule,
+            policy=r.policy,
             order_costs=args.order_costs,
         )
     for w in caught:

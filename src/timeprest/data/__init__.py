@@ -7,7 +7,14 @@ model needs: ``num_classes``, ``in_channels``, ``image_size``);
 from ``(seed, epoch)``.
 """
 
-from timeprest.data.batches import Batches, augment_batch, derive_seed, make_batches
+from timeprest.data.batches import (
+    Batches,
+    augment_batch,
+    derive_seed,
+    make_batches,
+    num_batches,
+    subset,
+)
 from timeprest.data.dataset import Dataset, DatasetPair
 from timeprest.data.download import ENV_VAR, cache_dir, search_dirs
 from timeprest.data.load import DATASET_NAMES, DEFAULT_DATASET, STATS, load_dataset
@@ -28,5 +35,7 @@ __all__ = [
     "load_dataset",
     "make_batches",
     "make_synthetic",
+    "num_batches",
     "search_dirs",
+    "subset",
 ]

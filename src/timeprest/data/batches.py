@@ -54,6 +54,29 @@ def augment_batch(x: Tensor, generator: torch.Generator, padding: int = CROP_PAD
     return padded[batch, channel, rows[:, None, :, None], cols[:, None, None, :]]
 
 
+def num_batches(rows: int, batch_size: int, *, drop_last: bool = False) -> int:
+    """Mini-batches in an epoch of ``rows`` rows: the one count of steps per epoch."""
+    return rows // batch_size if drop_last else -(-rows // batch_size)
+
+
+def subset(dataset: Dataset, limit: int, *, seed: int, part: str) -> Dataset:
+    """``limit`` rows drawn at random from ``(seed, part)``; the whole set when it is smaller.
+
+    Not the first rows: an image folder is sorted by class, and its first rows
+    hold only the first classes. The draw depends only on the seed, the part
+    (``train`` or ``test``) and the set's size, so every run with that seed
+    trains and tests on the same rows. The rows keep their dataset order.
+    """
+    if limit < 1:
+        raise ConfigError(f"a row limit must be >= 1, got {limit}")
+    n = len(dataset)
+    if limit >= n:
+        return dataset
+    g = torch.Generator().manual_seed(derive_seed("limit", part, seed))
+    rows = torch.randperm(n, generator=g)[:limit].sort().values
+    return Dataset(dataset.x[rows], dataset.y[rows])
+
+
 class Batches(Sequence[tuple[Tensor, Tensor]]):
     """The mini-batches of one epoch, built on demand; ``len()`` and indexing work."""
 
@@ -86,7 +109,7 @@ class Batches(Sequence[tuple[Tensor, Tensor]]):
             self.order: Tensor | None = torch.randperm(n, generator=g)
         else:
             self.order = None
-        self._len = n // batch_size if drop_last else -(-n // batch_size)
+        self._len = num_batches(n, batch_size, drop_last=drop_last)
 
     def __len__(self) -> int:
         return self._len

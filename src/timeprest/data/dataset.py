@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from timeprest.errors import ConfigError, DataError
+from timeprest.errors import DataError
 
 
 @dataclass(frozen=True)
@@ -33,12 +33,6 @@ class Dataset:
 
     def __len__(self) -> int:
         return int(self.x.shape[0])
-
-    def take(self, n: int) -> Dataset:
-        """The first ``n`` rows (all of them when ``n`` is larger), for quick runs."""
-        if n < 1:
-            raise ConfigError(f"take needs n >= 1, got {n}")
-        return Dataset(self.x[:n], self.y[:n])
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,320 @@
+"""The configuration of a training run: one typed field per setting, with its help and choices.
+
+Every default lives here. The command line builds its flags from these fields
+(:mod:`timeprest.cli.common`), a ``--config`` file (TOML or JSON) names the
+same fields, and :meth:`TrainConfig.resolved` turns (method, W, N, overrides)
+into a checked configuration through :func:`timeprest.policy.resolve`, the
+one resolver every command uses.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from timeprest.errors import ConfigError
+from timeprest.policy import DEFAULT_METHOD, Resolved, get_method, resolve
+from timeprest.policy.rules import BACKWARD_RULES, FORWARD_RULES, GRAD_RULES, SIGNIFICANCE_KINDS
+from timeprest.schedule import SCHEDULE_KINDS
+from timeprest.schedule.costs import COST_MODES
+
+OPTIMIZERS = ("sgd", "adam", "adamw")
+LR_SCHEDULES = ("constant", "cosine")
+DEVICES = ("cpu", "cuda")
+ENGINES = ("emulate", "distributed")
+
+# the fields that override parts of a method's preset, as policy.resolve() names them
+POLICY_OVERRIDES = ("schedule", "forward", "backward", "grad_rule", "significance", "decay")
+
+Group = Literal["data and model", "pipeline", "optimisation", "execution"]
+
+
+def option(
+    default: Any, help: str, group: Group, *, choices: tuple[str, ...] = (), flag: bool = True
+) -> Any:
+    """A TrainConfig field: its default, the help its flag shows, and its allowed values.
+
+    The help text is the field's documentation; ``--help`` shows it with the
+    default. ``choices`` are checked by :meth:`TrainConfig.validate` (not by
+    argparse, so a bad value is one clear line naming the flag).
+    """
+    return field(
+        default=default, metadata={"help": help, "group": group, "choices": choices, "flag": flag}
+    )
+
+
+@dataclass
+class TrainConfig:
+    """Everything a training run depends on. Flags and config files map onto these fields."""
+
+    dataset: str = option(
+        "fashion-mnist",
+        "fashion-mnist, mnist, cifar10, cifar100, imagefolder:PATH or synthetic[:options]",
+        "data and model",
+    )
+    data_dir: str | None = option(
+        None, "where the dataset files are (else $TIMEPREST_DATA, system dirs, the cache)",
+        "data and model",
+    )  # fmt: skip
+    image_size: int | None = option(
+        None, "resize images to this square size (default: the dataset's own)", "data and model"
+    )
+    train_limit: int | None = option(
+        None,
+        "train on N training rows drawn at random from --seed (the same rows on every run)",
+        "data and model",
+    )
+    test_limit: int | None = option(
+        None, "test on N test rows drawn at random from --seed", "data and model"
+    )
+    model: str = option("cnn", "mlp, cnn, resnet18, vgg16, resnet50", "data and model")
+    augment: bool | None = option(
+        None, "random crop + flip (default: on for CIFAR-like data)", "data and model"
+    )
+    method: str = option(DEFAULT_METHOD, "a method preset (docs/design.md section 6)", "pipeline")
+    stages: int = option(4, "number of pipeline stages W", "pipeline")
+    microbatches: int | None = option(
+        None, "micro-batches per mini-batch N (default: the method's, else W)", "pipeline"
+    )
+    schedule: str | None = option(
+        None, "override the method's schedule", "pipeline", choices=SCHEDULE_KINDS
+    )
+    forward: str | None = option(
+        None, "override the forward rule", "pipeline", choices=FORWARD_RULES
+    )
+    backward: str | None = option(
+        None, "override the backward rule", "pipeline", choices=BACKWARD_RULES
+    )
+    grad_rule: str | None = option(
+        None, "override the gradient rule", "pipeline", choices=GRAD_RULES
+    )
+    significance: str | None = option(
+        None, "sigma of intermediate weights (I-TiMePReSt)", "pipeline", choices=SIGNIFICANCE_KINDS
+    )
+    decay: float | None = option(
+        None, "lambda of the significance function (default 1.0)", "pipeline"
+    )
+    costs: str = option(
+        "default", "cost mode that orders asynchronous schedules", "pipeline", choices=COST_MODES
+    )
+    balance: str = option(
+        "time", "stage split: time, params, or layer counts like 3,3,3,3", "pipeline"
+    )
+    epochs: int = option(3, "epochs to train", "optimisation")
+    batch_size: int = option(128, "rows per mini-batch", "optimisation")
+    lr: float = option(
+        1e-3,
+        "learning rate (the default suits adam; for sgd try 0.02 with momentum 0.9)",
+        "optimisation",
+    )
+    optimizer: str = option(
+        "adam",
+        "the optimizer (adam tolerates the staleness of asynchronous methods)",
+        "optimisation",
+        choices=OPTIMIZERS,
+    )
+    momentum: float = option(0.9, "SGD momentum (ignored by adam/adamw)", "optimisation")
+    weight_decay: float = option(0.0, "weight decay", "optimisation")
+    warmup_epochs: float = option(
+        0.0, "linear learning-rate warm-up, in epochs (fractions allowed)", "optimisation"
+    )
+    lr_schedule: str = option(
+        "cosine",
+        "constant, or cosine to zero at the end of the last epoch",
+        "optimisation",
+        choices=LR_SCHEDULES,
+    )
+    seed: int = option(0, "seed of the weights, the data order and the limits", "optimisation")
+    device: str = option("cpu", "device to train on", "execution", choices=DEVICES)
+    engine: str = option(
+        "emulate",
+        "emulate (one process) or distributed (one process per stage)",
+        "execution",
+        choices=ENGINES,
+    )
+    nproc: int | None = option(
+        None, "processes for --engine distributed (must equal --stages)", "execution"
+    )
+    threads: int | None = option(
+        None,
+        "intra-op threads (default: torch's for the emulator, 1 per process distributed)",
+        "execution",
+    )
+    run_dir: str | None = option(
+        None, "where the run is written", "execution", flag=False
+    )  # train's own flag: compare chooses one per method
+    target_accuracy: float | None = option(
+        None, "report the first epoch whose test accuracy reaches this (0..1)", "execution"
+    )
+    eval_batch_size: int = option(1000, "rows per evaluation batch", "execution")
+    progress: bool = option(True, "show a progress bar", "execution", flag=False)
+
+    def validate(self) -> None:
+        """Raise ConfigError for any bad value, with the value and the fix."""
+        get_method(self.method)
+        for name in ("stages", "epochs", "batch_size", "eval_batch_size"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise ConfigError(f"{_flag(name)} must be an integer >= 1, got {v!r}")
+        for name in ("microbatches", "train_limit", "test_limit", "image_size", "nproc", "threads"):
+            v = getattr(self, name)
+            if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
+                raise ConfigError(f"{_flag(name)} must be an integer >= 1, got {v!r}")
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise ConfigError(f"--lr must be a positive number, got {self.lr}")
+        for name in ("momentum", "weight_decay", "warmup_epochs"):
+            v = getattr(self, name)
+            if not (math.isfinite(v) and v >= 0):  # NaN fails both
+                raise ConfigError(f"{_flag(name)} must be a finite number >= 0, got {v}")
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if f.metadata["choices"] and value is not None:
+                choice(f.name, value, f.metadata["choices"])
+        if self.target_accuracy is not None and not (0 < self.target_accuracy <= 1):
+            raise ConfigError(
+                f"--target-accuracy is a fraction in (0, 1], got {self.target_accuracy}"
+            )
+        n = self.resolved(warn=False).num_microbatches
+        if self.batch_size < n:
+            raise ConfigError(
+                f"--batch-size {self.batch_size} is smaller than --microbatches {n}: "
+                "each micro-batch needs at least one row"
+            )
+        if self.device == "cuda":
+            import torch
+
+            if not torch.cuda.is_available():
+                raise ConfigError("--device cuda but no CUDA device is available; use --device cpu")
+        if self.engine == "distributed" and self.nproc is not None and self.nproc != self.stages:
+            raise ConfigError(
+                f"--nproc {self.nproc} must equal --stages {self.stages}: one process per stage"
+            )
+        self.balance_value()
+
+    def resolved(self, *, warn: bool = True) -> Resolved:
+        """The method, schedule, policy and N of this run, every constraint checked."""
+        return resolve(self.method, self.stages, self.microbatches, **self.overrides(), warn=warn)
+
+    def overrides(self) -> dict[str, Any]:
+        """The parts of the method's preset this run replaces (None: the method's own)."""
+        return {name: getattr(self, name) for name in POLICY_OVERRIDES}
+
+    @property
+    def num_microbatches(self) -> int:
+        """N: --microbatches, else the method's default (PipeDream 1), else W."""
+        return self.resolved(warn=False).num_microbatches
+
+    def balance_value(self) -> Literal["time", "params"] | list[int]:
+        return parse_balance(self.balance)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The fields config.json records (the progress display is not part of a run)."""
+        d = dataclasses.asdict(self)
+        d.pop("progress", None)
+        return d
+
+
+def parse_balance(text: str) -> Literal["time", "params"] | list[int]:
+    """``--balance``: ``time``, ``params`` or comma-separated layer counts per stage."""
+    if text == "time":
+        return "time"
+    if text == "params":
+        return "params"
+    try:
+        return [int(c) for c in text.split(",")]
+    except ValueError:
+        raise ConfigError(
+            f"--balance must be time, params or layer counts like 3,3,3,3; got {text!r}"
+        ) from None
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def choice(name: str, value: str, choices: tuple[str, ...]) -> None:
+    """ConfigError unless ``value`` is one of ``choices``; ``name`` is the field or flag."""
+    if value not in choices:
+        raise ConfigError(f"unknown {_flag(name)} {value!r}: expected one of {', '.join(choices)}")
+
+
+# the fields that define a run's results; a run dir holding other values holds another run
+RUN_IDENTITY = (
+    "dataset",
+    "model",
+    "method",
+    "stages",
+    "microbatches",
+    "schedule",
+    "forward",
+    "backward",
+    "grad_rule",
+    "significance",
+    "decay",
+    "costs",
+    "balance",
+    "batch_size",
+    "lr",
+    "optimizer",
+    "momentum",
+    "weight_decay",
+    "warmup_epochs",
+    "lr_schedule",
+    "augment",
+    "seed",
+    "train_limit",
+    "test_limit",
+    "image_size",
+)
+
+
+def load_config_file(path: str) -> dict[str, Any]:
+    """Read a config file: TOML, or JSON when the name ends in ``.json``.
+
+    Keys are TrainConfig fields (dashes or underscores); each value must have
+    the field's type. Returns the values by field name.
+    """
+    import tomllib
+
+    try:
+        with open(path, "rb") as f:
+            raw = json.load(f) if path.endswith(".json") else tomllib.load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path} does not exist") from None
+    except (OSError, ValueError) as exc:  # TOMLDecodeError and JSONDecodeError are ValueErrors
+        raise ConfigError(f"cannot read config file {path}: {exc}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config file {path}: expected a table of settings")
+    types = {f.name: str(f.type) for f in dataclasses.fields(TrainConfig)}
+    out: dict[str, Any] = {}
+    for key, value in raw.items():
+        k = key.replace("-", "_")
+        if k not in types:
+            raise ConfigError(f"config file {path}: unknown key {key!r}")
+        base = types[k].split(" | ")[0]
+        ok = {
+            "int": isinstance(value, int) and not isinstance(value, bool),
+            "float": isinstance(value, (int, float)) and not isinstance(value, bool),
+            "str": isinstance(value, str),
+            "bool": isinstance(value, bool),
+        }.get(base, False)
+        if not ok:
+            kind = {"int": "an integer", "float": "a number", "str": "a string"}.get(
+                base, "true or false"
+            )
+            raise ConfigError(f"config file {path}: {key} must be {kind}, got {value!r}")
+        out[k] = float(value) if base == "float" else value
+    return out
+
+
+def write_config_file(cfg: TrainConfig, path: str) -> None:
+    """Write ``cfg`` as a JSON config file that :func:`load_config_file` reads back equal.
+
+    Unset (None) fields are left out: their default is None too.
+    """
+    values = {k: v for k, v in dataclasses.asdict(cfg).items() if v is not None}
+    with open(path, "w") as f:
+        json.dump(values, f)

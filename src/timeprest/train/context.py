@@ -1,0 +1,218 @@
+"""Where the training loop runs: one process for every stage, or one process per stage.
+
+The loop in :mod:`timeprest.train.loop` is written once. What differs between
+the engines is asked of a context: which process writes the run directory and
+logs, which processes read the data, how a value chosen on one process reaches
+the others, and how the test set is evaluated on the whole model.
+:class:`LocalContext` answers for the emulator (one process does everything);
+:class:`DistributedContext` for a torchrun job (rank r runs stage r, rank 0
+writes, the first and the last stage read data, rank 0 evaluates with every
+stage's latest weights gathered to it).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar, cast
+
+import torch
+from torch import nn
+
+from timeprest.errors import ConfigError
+
+if TYPE_CHECKING:
+    from timeprest.data import Dataset
+    from timeprest.engine.runtime import DistributedRuntime, RuntimeOptions
+    from timeprest.pipeline import Pipeline
+
+T = TypeVar("T")
+
+
+@torch.no_grad()
+def evaluate(
+    stages: list[nn.Module], x: torch.Tensor, y: torch.Tensor, batch_size: int, device: str
+) -> tuple[float, float]:
+    """Mean cross-entropy loss and accuracy of the composed stages (latest weights)."""
+    model = nn.Sequential(*stages)
+    was_training = [m.training for m in stages]
+    model.eval()
+    total_loss, correct = 0.0, 0
+    try:
+        for i in range(0, len(x), batch_size):
+            xb = x[i : i + batch_size].to(device)
+            yb = y[i : i + batch_size].to(device)
+            out = model(xb)
+            total_loss += float(nn.functional.cross_entropy(out, yb, reduction="sum"))
+            correct += int((out.argmax(1) == yb).sum())
+    finally:
+        for m, t in zip(stages, was_training):
+            m.train(t)
+    n = max(len(x), 1)
+    return total_loss / n, correct / n
+
+
+class RunContext(Protocol):
+    """What the loop asks of the process(es) it runs in."""
+
+    rank: int
+    world_size: int
+    writes: bool
+    """This process writes the run directory and the log lines."""
+    reads_data: bool
+    """This process feeds or checks mini-batches (the first and the last stage)."""
+    shows_progress: bool
+    """This process learns each loss first (the last stage) and shows the progress bar."""
+    model_device: str
+    """Where the whole model is built and the split is measured."""
+
+    def on_writer(self, what: str, fn: Callable[[], T]) -> T:
+        """``fn()`` on the writing process, its result on every process; errors on all."""
+        ...
+
+    def on_readers(self, what: str, fn: Callable[[], T]) -> T | None:
+        """``fn()`` on the processes that read data (the writer first), None elsewhere."""
+        ...
+
+    def broadcast(self, value: T | None) -> T:
+        """The writing process's ``value`` on every process (the others pass None)."""
+        ...
+
+    def barrier(self, what: str) -> None: ...
+
+    def pipeline_options(self, stages: list[nn.Module]) -> dict[str, Any]:
+        """The ``stages`` argument and engine options of this context's :class:`Pipeline`."""
+        ...
+
+    def evaluate(
+        self, pipe: Pipeline, stages: list[nn.Module], test: Dataset | None, batch_size: int
+    ) -> tuple[float, float]:
+        """Test loss and accuracy of the whole model with the latest weights, on every process."""
+        ...
+
+    def env(self) -> dict[str, Any]:
+        """What env.json adds for this context."""
+        ...
+
+
+class LocalContext:
+    """The emulator: one process holds every stage, reads the data and writes the run."""
+
+    rank, world_size = 0, 1
+    writes = reads_data = shows_progress = True
+
+    def __init__(self, device: str) -> None:
+        self.model_device = device
+
+    def on_writer(self, what: str, fn: Callable[[], T]) -> T:
+        return fn()
+
+    def on_readers(self, what: str, fn: Callable[[], T]) -> T | None:
+        return fn()
+
+    def broadcast(self, value: T | None) -> T:
+        return cast(T, value)  # the one process is the writer: its value is set
+
+    def barrier(self, what: str) -> None:
+        pass
+
+    def pipeline_options(self, stages: list[nn.Module]) -> dict[str, Any]:
+        return {"stages": stages}
+
+    def evaluate(
+        self, pipe: Pipeline, stages: list[nn.Module], test: Dataset | None, batch_size: int
+    ) -> tuple[float, float]:
+        assert test is not None, "the one local process reads the test set"
+        return evaluate(stages, test.x, test.y, batch_size, self.model_device)
+
+    def env(self) -> dict[str, Any]:
+        return {}
+
+
+class DistributedContext:
+    """A torchrun job: rank r runs stage r; control messages go over the runtime's gloo group."""
+
+    def __init__(self, options: RuntimeOptions, num_stages: int) -> None:
+        from timeprest.engine.runtime import DistributedRuntime
+
+        self.options = options
+        self.job: DistributedRuntime = DistributedRuntime(options)
+        self.rank, self.world_size = self.job.rank, self.job.world_size
+        if self.world_size != num_stages:
+            raise ConfigError(
+                f"--stages {num_stages} but the job has {self.world_size} processes: one "
+                f"process per stage (torchrun --nproc-per-node {num_stages})"
+            )
+        last = self.world_size - 1
+        self.writes = self.rank == 0
+        self.reads_data = self.rank in (0, last)
+        self.shows_progress = self.rank == last
+        self.model_device = "cpu"  # the runtime moves each rank's stage to its device
+        self._eval_ready = False
+
+    def on_writer(self, what: str, fn: Callable[[], T]) -> T:
+        value = self.job.agreed(what, lambda: fn() if self.writes else None)
+        return self.broadcast(value)
+
+    def on_readers(self, what: str, fn: Callable[[], T]) -> T | None:
+        # the writer first: it may download what the other reader then finds on disk
+        value = self.job.agreed(what, lambda: fn() if self.writes else None)
+        if self.reads_data and not self.writes:
+            return self.job.agreed(what, fn)
+        self.job.barrier(what)
+        return value
+
+    def broadcast(self, value: T | None) -> T:
+        import torch.distributed as dist
+
+        box: list[Any] = [value]
+        dist.broadcast_object_list(box, src=0, group=self.job.group)
+        return cast(T, box[0])
+
+    def barrier(self, what: str) -> None:
+        self.job.barrier(what)
+
+    def pipeline_options(self, stages: list[nn.Module]) -> dict[str, Any]:
+        return {
+            "stages": lambda s: stages[s],
+            "engine": "distributed",
+            "runtime": self.options,
+        }
+
+    def evaluate(
+        self, pipe: Pipeline, stages: list[nn.Module], test: Dataset | None, batch_size: int
+    ) -> tuple[float, float]:
+        import torch.distributed as dist
+
+        device = pipe.runners[0].device
+        if self.writes and not self._eval_ready:  # rank 0's copies of the other stages join it
+            for s, module in enumerate(stages):
+                if s != self.rank:
+                    module.to(device)
+            self._eval_ready = True
+        own = stages[self.rank]
+        states: list[Any] | None = [None] * self.world_size if self.writes else None
+        dist.gather_object(
+            {k: v.cpu() for k, v in own.state_dict().items()}, states, dst=0, group=self.job.group
+        )
+        result = None
+        if self.writes and states is not None and test is not None:
+            for s, state in enumerate(states):
+                if s != self.rank:
+                    stages[s].load_state_dict(state)
+            result = evaluate(stages, test.x, test.y, batch_size, str(device))
+        return self.broadcast(result)
+
+    def env(self) -> dict[str, Any]:
+        return {"processes": self.world_size}
+
+
+def make_context(engine: str, device: str, threads: int | None, num_stages: int) -> RunContext:
+    """The context of a run: local for the emulator, distributed inside a torchrun job."""
+    if engine != "distributed":
+        return LocalContext(device)
+    from timeprest.engine.runtime import RuntimeOptions
+
+    options = RuntimeOptions(
+        num_threads=threads or 1, backend="nccl" if device == "cuda" else "gloo"
+    )
+    return DistributedContext(options, num_stages)

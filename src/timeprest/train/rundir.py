@@ -1,0 +1,146 @@
+"""The run directory: where a run is written, the checks before writing, and its files.
+
+=====================  =====================================================
+``config.json``        the resolved configuration
+``env.json``           versions, threads, device, machine
+``split.json``         the stage split and per-stage cost
+``epochs.jsonl``       one line per epoch: losses, accuracy, time, memory
+``minibatches.jsonl``  one line per mini-batch: loss, versions, staleness
+``summary.json``       final and best figures of the run
+``checkpoint/``        the latest end-of-epoch checkpoint, with ``progress.json``
+=====================  =====================================================
+
+A user's run is never deleted unless ``--overwrite`` says so.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import shutil
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from timeprest._version import __version__
+from timeprest.errors import ConfigError
+from timeprest.files import read_json, write_json
+from timeprest.train.config import RUN_IDENTITY, TrainConfig
+from timeprest.train.records import EpochRow
+
+
+def default_run_dir(cfg: TrainConfig) -> Path:
+    name = f"{cfg.method}-{cfg.model}-{cfg.dataset.replace(':', '_').replace('/', '_')}"
+    return Path("runs") / f"{name}-W{cfg.stages}-s{cfg.seed}"
+
+
+def run_dir_of(cfg: TrainConfig) -> Path:
+    """``--run-dir``, else the default name from the method, model, data, W and seed."""
+    return Path(cfg.run_dir) if cfg.run_dir else default_run_dir(cfg)
+
+
+def prepare_run_dir(cfg: TrainConfig, *, resume: bool, overwrite: bool) -> Path:
+    """Create the run directory, or check that resuming it matches ``cfg``."""
+    run_dir = run_dir_of(cfg)
+    cfg_file = run_dir / "config.json"
+    if cfg_file.exists():
+        old = read_json(cfg_file)
+        diffs = [k for k in RUN_IDENTITY if old.get(k) != getattr(cfg, k)]
+        if resume:
+            if diffs:
+                k = diffs[0]
+                raise ConfigError(
+                    f"cannot resume {run_dir}: it was run with {k}={old.get(k)!r}, "
+                    f"now {k}={getattr(cfg, k)!r}"
+                )
+        elif overwrite:
+            shutil.rmtree(run_dir)
+        else:
+            what = (
+                f"a different run ({diffs[0]}={old.get(diffs[0])!r})"
+                if diffs
+                else "a run with this configuration"
+            )
+            raise ConfigError(
+                f"run dir {run_dir} already holds {what}: pass --resume to continue it, "
+                "--overwrite to replace it, or --run-dir for a new one"
+            )
+    elif resume:
+        raise ConfigError(f"--resume: {run_dir} holds no run (no config.json)")
+    elif run_dir.exists() and any(run_dir.iterdir()) and not overwrite:
+        raise ConfigError(
+            f"run dir {run_dir} exists and is not empty: choose another --run-dir or --overwrite"
+        )
+    run_dir.mkdir(parents=True, exist_ok=True)
+    return run_dir
+
+
+def environment(cfg: TrainConfig) -> dict[str, Any]:
+    return {
+        "python": sys.version.split()[0],
+        "torch": torch.__version__,
+        "timeprest": __version__,
+        "platform": platform.platform(),
+        "machine": platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "threads": torch.get_num_threads(),
+        "device": cfg.device,
+        "cuda": torch.cuda.get_device_name(0) if cfg.device == "cuda" else None,
+        "engine": cfg.engine,
+    }
+
+
+def write_run_files(
+    run_dir: Path,
+    cfg: TrainConfig,
+    described: dict[str, Any],
+    augment: bool,
+    split: dict[str, Any],
+    **env: Any,
+) -> None:
+    """config.json (with what the pipeline resolved: ``described``), env.json and split.json."""
+    resolved = {**cfg.to_dict(), "resolved": dict(described)}
+    resolved["resolved"]["num_microbatches"] = cfg.num_microbatches
+    resolved["resolved"]["augment"] = augment
+    write_json(run_dir / "config.json", resolved)
+    write_json(run_dir / "env.json", {**environment(cfg), **env})
+    write_json(run_dir / "split.json", split)
+
+
+def saved_split(run_dir: Path, resume: bool) -> list[int] | None:
+    """Layer counts of the run being resumed: its checkpoint holds the stages of that split."""
+    f = run_dir / "split.json"
+    if resume and f.exists():
+        return list(read_json(f, "pass --overwrite to start afresh")["layer_counts"])
+    return None
+
+
+@dataclass
+class Progress:
+    """``checkpoint/progress.json``: how far the checkpoint beside it got."""
+
+    epoch: int
+    history: list[EpochRow]
+    wall_time: float
+
+    @classmethod
+    def read(cls, ckpt_dir: Path) -> Progress:
+        f = ckpt_dir / "progress.json"
+        if not f.exists():
+            raise ConfigError(f"--resume: no checkpoint in {ckpt_dir}")
+        data = read_json(f)
+        history = [EpochRow.from_dict(h, str(f)) for h in data["history"]]
+        return cls(int(data["epoch"]), history, float(data["wall_time"]))
+
+    def write(self, ckpt_dir: Path) -> None:
+        write_json(
+            ckpt_dir / "progress.json",
+            {
+                "epoch": self.epoch,
+                "history": [h.to_dict() for h in self.history],
+                "wall_time": self.wall_time,
+            },
+        )
