@@ -11,8 +11,8 @@ import pytest
 from helpers import SMALL_RUN, run_cli
 from helpers import assert_one_line_error as one_line_error
 from timeprest.data import download
-from timeprest.tensorboard import EpochWriter
 from timeprest.train import EpochRow
+from timeprest.train.tensorboard import EpochWriter
 
 # small and quick: 8 mini-batches of 32 rows, two stages split by parameter count
 BASE = [*SMALL_RUN, "--epochs", "1"]
@@ -292,7 +292,7 @@ class FakeSummaryWriter:
 
 
 def test_tensorboard_writer_logs_epoch_rows(trained, monkeypatch, tmp_path):
-    import timeprest.tensorboard as tb
+    import timeprest.train.tensorboard as tb
 
     monkeypatch.setattr(tb, "summary_writer_class", lambda: FakeSummaryWriter)
     (row,) = jsonl(trained[0] / "epochs.jsonl")
@@ -313,7 +313,7 @@ def test_tensorboard_writer_logs_epoch_rows(trained, monkeypatch, tmp_path):
 
 
 def test_tensorboard_writer_is_a_no_op_without_the_package(monkeypatch, tmp_path):
-    import timeprest.tensorboard as tb
+    import timeprest.train.tensorboard as tb
 
     monkeypatch.setattr(tb, "summary_writer_class", lambda: None)
     w = EpochWriter(tmp_path)

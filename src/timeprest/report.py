@@ -1,4 +1,4 @@
-"""What every run reports (DESIGN section 8)."""
+"""What every run reports (docs/design.md section 8)."""
 
 from __future__ import annotations
 
@@ -39,7 +39,6 @@ class StageReport:
     peak_versions: int = 1  # stored versions held at once (latest included)
     peak_weight_bytes: int = 0  # held versions plus a transient intermediate weight
     peak_activation_bytes: int = 0  # saved tensors of in-flight micro-batches
-    activation_bytes: list[int] = field(default_factory=list)  # per micro-batch, forward order
     optimizer_state_bytes: int = 0
     updates: int = 0  # version counter: updates applied so far
 

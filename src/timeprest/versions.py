@@ -55,10 +55,6 @@ class VersionStore:
             ) from None
 
     @property
-    def held_versions(self) -> list[int]:
-        return sorted([*self._stash, self.latest])
-
-    @property
     def held_bytes(self) -> int:
         return self.bytes_per_version * (1 + len(self._stash))
 

@@ -64,33 +64,12 @@ def load_dataset(
         files, where = locate(kind, data_dir, find_idx_files, download)
         x_tr, y_tr, x_te, y_te = load_idx_split(files, num_classes=10)
         classes = FASHION_CLASSES if kind == "fashion-mnist" else tuple(str(i) for i in range(10))
-        return _finish(
-            name,
-            x_tr.unsqueeze(1),
-            y_tr,
-            x_te.unsqueeze(1),
-            y_te,
-            STATS[kind],
-            classes,
-            image_size,
-            augment_default=False,
-            source=str(where),
-        )
+        images = (x_tr.unsqueeze(1), y_tr, x_te.unsqueeze(1), y_te)
+        return _finish(name, images, STATS[kind], classes, image_size, False, str(where))
     if kind in ("cifar10", "cifar100") and not sep:
         folder, _ = locate(kind, data_dir, lambda d: find_cifar_dir(d, kind), download)
-        x_tr, y_tr, x_te, y_te, classes = load_cifar_split(folder, kind)
-        return _finish(
-            name,
-            x_tr,
-            y_tr,
-            x_te,
-            y_te,
-            STATS[kind],
-            classes,
-            image_size,
-            augment_default=True,
-            source=str(folder),
-        )
+        *cifar, classes = load_cifar_split(folder, kind)
+        return _finish(name, tuple(cifar), STATS[kind], classes, image_size, True, str(folder))
     if kind == "imagefolder":
         if not arg:
             raise ConfigError(
@@ -98,21 +77,10 @@ def load_dataset(
             )
         root = Path(arg).expanduser()
         size = 32 if image_size is None else image_size
-        x_tr, y_tr, x_te, y_te, classes = load_image_folder(root, size)
+        *user_images, classes = load_image_folder(root, size)
         # No published statistics for a user's folder: use its training set's.
-        stats = channel_stats(x_tr.float().div_(255))
-        return _finish(
-            name,
-            x_tr,
-            y_tr,
-            x_te,
-            y_te,
-            stats,
-            classes,
-            None,
-            augment_default=True,
-            source=str(root),
-        )
+        stats = channel_stats(user_images[0].float().div_(255))
+        return _finish(name, tuple(user_images), stats, classes, None, True, str(root))
     if kind == "synthetic":
         spec = parse_synthetic(arg, image_size)
         xf_tr, y_tr, xf_te, y_te = make_synthetic(spec, seed)
@@ -137,18 +105,16 @@ def load_dataset(
 
 def _finish(
     name: str,
-    x_tr: Tensor,
-    y_tr: Tensor,
-    x_te: Tensor,
-    y_te: Tensor,
+    images: tuple[Tensor, ...],
     stats: tuple[tuple[float, ...], tuple[float, ...]],
     classes: tuple[str, ...],
     image_size: int | None,
-    *,
     augment_default: bool,
     source: str,
 ) -> DatasetPair:
-    """uint8 images to normalised float32 at ``image_size``, packed with their metadata."""
+    """uint8 images (train x, y, test x, y) to normalised float32 at ``image_size``, with
+    their metadata."""
+    x_tr, y_tr, x_te, y_te = images
     mean, std = stats
 
     def prepare(x: Tensor) -> Tensor:

@@ -5,7 +5,9 @@ from __future__ import annotations
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, replace
-from typing import cast
+from typing import TypedDict, cast
+
+from typing_extensions import Unpack
 
 from timeprest.errors import ConfigError, MultipleSequenceWarning
 from timeprest.policy.rules import (
@@ -92,18 +94,24 @@ def get_method(name: str) -> Method:
         ) from None
 
 
-def resolve_policy(
-    method: str,
-    *,
-    schedule: str | None = None,
-    forward: str | None = None,
-    backward: str | None = None,
-    grad_rule: str | None = None,
-    significance: str | Callable[[int], float] | Significance | None = None,
-    decay: float | None = None,
-) -> tuple[str, Policy]:
+class Overrides(TypedDict, total=False):
+    """The parts of a method that can be set one by one (docs/design.md section 6)."""
+
+    schedule: str | None
+    forward: str | None
+    backward: str | None
+    grad_rule: str | None
+    significance: str | Callable[[int], float] | Significance | None
+    decay: float | None
+
+
+def resolve_policy(method: str, **overrides: Unpack[Overrides]) -> tuple[str, Policy]:
     """The schedule kind and policy of ``method`` with the given overrides applied."""
     m = get_method(method)
+    schedule = overrides.get("schedule")
+    forward, backward = overrides.get("forward"), overrides.get("backward")
+    grad_rule, significance = overrides.get("grad_rule"), overrides.get("significance")
+    decay = overrides.get("decay")
     if schedule is not None and schedule not in SCHEDULE_KINDS:
         raise ConfigError(
             f"unknown schedule {schedule!r}: expected one of {', '.join(SCHEDULE_KINDS)}"
@@ -159,14 +167,9 @@ def resolve(
     num_stages: int,
     num_microbatches: int | None = None,
     *,
-    schedule: str | None = None,
-    forward: str | None = None,
-    backward: str | None = None,
-    grad_rule: str | None = None,
-    significance: str | Callable[[int], float] | Significance | None = None,
-    decay: float | None = None,
     warn: bool = True,
     stacklevel: int = 3,
+    **overrides: Unpack[Overrides],
 ) -> Resolved:
     """The one place that turns (method, W, N, overrides) into a checked configuration.
 
@@ -178,15 +181,7 @@ def resolve(
     m = get_method(method)
     if not isinstance(num_stages, int) or isinstance(num_stages, bool) or num_stages < 1:
         raise ConfigError(f"the number of stages must be an integer >= 1, got {num_stages!r}")
-    kind, pol = resolve_policy(
-        method,
-        schedule=schedule,
-        forward=forward,
-        backward=backward,
-        grad_rule=grad_rule,
-        significance=significance,
-        decay=decay,
-    )
+    kind, pol = resolve_policy(method, **overrides)
     n = default_microbatches(method, num_stages) if num_microbatches is None else num_microbatches
     if not isinstance(n, int) or isinstance(n, bool) or n < 1:
         raise ConfigError(f"num_microbatches must be an integer >= 1, got {n!r}")

@@ -82,7 +82,6 @@ class StageRunner:
         self._bw_cache: dict[int, tuple[list[Tensor], int, float]] = {}
         self.activation_bytes_live = 0
         self.peak_activation_bytes = 0
-        self.activation_log: list[int] = []
         self._checked_input = False
         # per-schedule state, set by begin()
         self.plan: StagePlan | None = None
@@ -201,7 +200,6 @@ class StageRunner:
                 sent = out.detach()
             saved.out = out
         self._saved[(t, j)] = saved
-        self.activation_log.append(saved.activation_bytes)
         self.activation_bytes_live += saved.activation_bytes
         self.peak_activation_bytes = max(self.peak_activation_bytes, self.activation_bytes_live)
         step = self.steps.setdefault(t, StageStep())
@@ -375,7 +373,6 @@ class StageRunner:
             peak_versions=self.store.peak_versions,
             peak_weight_bytes=self.store.peak_bytes,
             peak_activation_bytes=self.peak_activation_bytes,
-            activation_bytes=list(self.activation_log),
             optimizer_state_bytes=self.optimizer_state_bytes(),
             updates=self.store.latest,
         )

@@ -207,7 +207,7 @@ def _train(
 ) -> RunResult:
     from timeprest.data import make_batches, num_batches
     from timeprest.splitting import apply_plan
-    from timeprest.tensorboard import EpochWriter
+    from timeprest.train.tensorboard import EpochWriter
 
     run_dir = Path(
         ctx.on_writer(

@@ -1,0 +1,50 @@
+"""The weight swap and the saved-tensor tokens behind a backward on other weights."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from timeprest.stage.weights import Saved, call_with, parameter_slots, weight_tokens
+
+
+def test_call_with_runs_on_the_given_weights_and_restores_the_parameters() -> None:
+    torch.manual_seed(0)
+    lin = nn.Linear(3, 2)
+    params = list(lin.parameters())
+    slots = parameter_slots(lin, params)
+    w = [torch.zeros_like(p) for p in params]
+    out = call_with(lin, slots, params, w, torch.ones(4, 3))
+    assert torch.equal(out, torch.zeros(4, 2))
+    assert [id(p) for p in lin.parameters()] == [id(p) for p in params]
+
+
+def test_tied_weights_have_two_slots() -> None:
+    a = nn.Linear(2, 2, bias=False)
+    model = nn.Sequential(a, nn.Tanh(), a)
+    slots = parameter_slots(model, [a.weight])
+    assert len(slots[0]) == 1  # one module object, reached twice, holds it once
+    b = nn.Linear(2, 2, bias=False)
+    b.weight = a.weight
+    slots = parameter_slots(nn.Sequential(a, b), [a.weight])
+    assert len(slots[0]) == 2
+
+
+def test_tokens_make_the_backward_read_other_weights() -> None:
+    """y = x W^T: with tokens, dx = dy W_b (backward weights) and dW = dy^T x (saved x)."""
+    torch.manual_seed(0)
+    lin = nn.Linear(3, 2, bias=False)
+    params = list(lin.parameters())
+    slots = parameter_slots(lin, params)
+    x = torch.randn(4, 3, requires_grad=True)
+    w_fwd = params[0].detach().clone().requires_grad_()
+    w_bwd = torch.randn(2, 3)
+    saved = Saved(x, None, [w_fwd], 0, 0)
+    with torch.autograd.graph.saved_tensors_hooks(*weight_tokens(saved, lin)):
+        y = call_with(lin, slots, params, [w_fwd], x)
+    saved.backward_weights = [w_bwd]
+    dy = torch.randn(4, 2)
+    dx, dw = torch.autograd.grad(y, [x, w_fwd], dy)
+    assert torch.allclose(dx, dy @ w_bwd)
+    assert torch.allclose(dw, dy.T @ x.detach())
+    assert saved.activation_bytes == x.numel() * x.element_size()  # x counted, the weight not

@@ -1,0 +1,41 @@
+"""The tensors behind weight versions: stash, release, byte accounting."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from timeprest.versions import VersionStore, optimizer_state_bytes, tensor_bytes
+
+
+def test_a_stash_keeps_the_old_values_and_counts_its_bytes() -> None:
+    p = nn.Parameter(torch.ones(4, dtype=torch.float64))
+    store = VersionStore([p])
+    assert store.bytes_per_version == 32 and store.peak_versions == 1
+    assert store.get(0)[0].data_ptr() == p.data_ptr()  # the latest is the live storage
+    store.stash_latest()
+    with torch.no_grad():
+        p.add_(1.0)
+    store.advance()
+    assert torch.equal(store.get(0)[0], torch.ones(4, dtype=torch.float64))
+    assert torch.equal(store.get(1)[0], p.detach())
+    assert store.peak_versions == 2 and store.held_bytes == 64
+    store.release(0)
+    assert store.held_bytes == 32
+    with pytest.raises(AssertionError, match="not held"):
+        store.get(0)
+    store.observe(transient_bytes=32)
+    assert store.peak_bytes == 64
+    store.reset_peaks()
+    assert store.peak_versions == 1 and store.peak_bytes == 32
+
+
+def test_optimizer_state_bytes() -> None:
+    p = nn.Parameter(torch.zeros(10))
+    opt = torch.optim.Adam([p])
+    assert optimizer_state_bytes(opt) == 0 and optimizer_state_bytes(None) == 0
+    p.grad = torch.ones(10)
+    opt.step()
+    # two moments of 10 float32 and a step count
+    assert optimizer_state_bytes(opt) == 2 * 40 + tensor_bytes([opt.state[p]["step"]])
