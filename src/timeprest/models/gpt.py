@@ -164,17 +164,8 @@ def _init(m: nn.Module) -> None:
         nn.init.zeros_(m.bias)
 
 
-def gpt(
-    vocab_size: int = 256,
-    block_size: int = 128,
-    n_layer: int = 4,
-    n_head: int = 4,
-    n_embd: int = 128,
-    dropout: float = 0.0,
-    tie_embeddings: bool = False,
-) -> GPT:
-    """A freshly initialised :class:`GPT` (from the global torch RNG)."""
-    return GPT(vocab_size, block_size, n_layer, n_head, n_embd, dropout, tie_embeddings)
+gpt = GPT
+"""``timeprest.models.gpt(vocab_size=256, block_size=128, ...)``: a freshly initialised GPT."""
 
 
 def lm_loss(logits: Tensor, targets: Tensor) -> Tensor:
