@@ -156,7 +156,6 @@ def test_train_cli_runs_a_language_model(tmp_path: Path) -> None:
     import json
 
     from helpers import run_cli
-
     from timeprest.plots import plot_runs
 
     folder = write_corpus(tmp_path)
