@@ -20,7 +20,7 @@ programs over the stage runners.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sized
+from collections.abc import Callable, Iterable, Sequence, Sized
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -41,6 +41,7 @@ from timeprest.schedule.builders import schedule_from_programs as _from_programs
 from timeprest.schedule.costs import CostSpec, resolve_costs
 from timeprest.schedule.lower import Lowered, lower
 from timeprest.stage import LossFn, Minibatch, OptimizerFactory, StageRunner
+from timeprest.stage.sync import Tied, attach_update_rules
 
 if TYPE_CHECKING:
     from timeprest.engine.runtime import RuntimeOptions
@@ -82,6 +83,9 @@ class Pipeline:
     (``default``, ``paper`` or per-stage :class:`~timeprest.schedule.Costs`) orders the
     asynchronous schedules. ``lr_lambda(minibatch)`` scales each optimizer's initial
     learning rate at the update of that (global) mini-batch, like ``LambdaLR`` per step.
+    ``precision`` (``fp32``, ``bf16``), ``clip_grad_norm`` with ``clip_scope`` (``stage``,
+    or ``global`` for flush schedules) and ``tied`` (tensors several stages hold a copy of,
+    as (stage, parameter name) places) are docs/design.md section 11's.
 
     ``stages`` is a list of modules or a callable ``stage_fn(stage) -> nn.Module``
     (then give ``num_stages``, except with the distributed engine). With
@@ -110,6 +114,10 @@ class Pipeline:
         lr_lambda: Callable[[int], float] | None = None,
         num_stages: int | None = None,
         runtime: RuntimeOptions | None = None,
+        precision: str = "fp32",
+        clip_grad_norm: float | None = None,
+        clip_scope: str = "stage",
+        tied: Sequence[Tied] = (),
     ) -> None:
         if engine not in ENGINES:
             raise ConfigError(f"unknown engine {engine!r}: expected one of {', '.join(ENGINES)}")
@@ -182,6 +190,11 @@ class Pipeline:
             self.runners = [runner(s, m) for s, m in local]
         else:
             self.runners = [self._engine.agreed("building the stage", lambda: runner(*local[0]))]
+        # docs/design.md section 11: autocast, clipping, tied tensors' gradients summed
+        attach_update_rules(
+            self.runners, precision=precision, clip_grad_norm=clip_grad_norm,
+            clip_scope=clip_scope, tied=tied, schedule=self.schedule_kind, engine=engine,
+        )  # fmt: skip
         self.report = Report(stages=[StageReport(s) for s in range(w)])
         for r in self.runners:
             self.report.stages[r.index] = r.report()

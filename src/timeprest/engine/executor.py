@@ -63,6 +63,9 @@ class StageExecutor:
             op = self.ops[self.pos]
             if op.op == "recv" and not tr.ready(op):
                 break
+            # an update that must first meet other stages' gradients (docs/design.md section 11)
+            if op.op == "run" and op.action.kind == "U" and not r.update_ready(op.action.minibatch):
+                break
             if op.first:
                 r.begin_action(op.index, op.action)
             if op.op == "recv":

@@ -14,7 +14,7 @@ import contextlib
 import math
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
@@ -26,6 +26,7 @@ from timeprest.policy.rules import Policy
 from timeprest.report import StageReport, StageStep
 from timeprest.schedule.actions import Action
 from timeprest.stage.io import Batches
+from timeprest.stage.precision import autocast
 from timeprest.stage.weights import (
     Saved,
     call_with,
@@ -35,6 +36,9 @@ from timeprest.stage.weights import (
     weight_tokens,
 )
 from timeprest.versions import VersionStore, optimizer_state_bytes, tensor_bytes
+
+if TYPE_CHECKING:
+    from timeprest.stage.sync import UpdateGroup
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
 OptimizerFactory = Callable[[list[nn.Parameter]], torch.optim.Optimizer]
@@ -98,6 +102,11 @@ class StageRunner:
         self.recv_seconds = 0.0
         self._t0 = 0.0  # start of the action being timed
         self._release_at: dict[int, list[int]] = {}  # program index -> versions read last there
+        # docs/design.md section 11, set by the Pipeline: autocast precision, per-stage
+        # gradient clipping, and the group this stage combines gradients with before U
+        self.precision = "fp32"
+        self.clip_norm: float | None = None
+        self.update_group: UpdateGroup | None = None
 
     @property
     def is_first(self) -> bool:
@@ -176,7 +185,7 @@ class StageRunner:
         target = batches.target(t, j).to(self.device, non_blocking=True) if self.is_last else None
         sent: Tensor | None = None
         if self.policy.grad_rule == "recompute":
-            with torch.no_grad(), self._rng(t, j):
+            with torch.no_grad(), self._rng(t, j), autocast(self.device, self.precision):
                 out = self._checked_call(weights, x)
                 if self.is_last:
                     loss = self._loss(out, target, t, j)
@@ -189,7 +198,11 @@ class StageRunner:
             leaves = [w.detach().requires_grad_() for w in weights]
             saved = Saved(x if not self.is_first else None, None, leaves, v, 0)
             hooks = weight_tokens(saved, self.module)
-            with torch.autograd.graph.saved_tensors_hooks(*hooks), self._rng(t, j):
+            with (
+                torch.autograd.graph.saved_tensors_hooks(*hooks),
+                self._rng(t, j),
+                autocast(self.device, self.precision),
+            ):
                 out = self._checked_call(leaves, x)
                 if self.is_last:
                     loss = self._loss(out, target, t, j)
@@ -331,7 +344,7 @@ class StageRunner:
         x = saved.x.detach().requires_grad_(want_dx)
         leaves = [w.detach().requires_grad_() for w in weights]
         buffers = [b.detach().clone() for b in self.module.buffers()]
-        with torch.enable_grad(), self._rng(t, j):
+        with torch.enable_grad(), self._rng(t, j), autocast(self.device, self.precision):
             out = self._call(leaves, x)
             if self.is_last:
                 out = self._loss(out, saved.target, t, j) * saved.fraction
@@ -343,18 +356,28 @@ class StageRunner:
         return list(res[: len(leaves)]), (res[-1] if want_dx else None)
 
     # -- update ----------------------------------------------------------------
+    def update_ready(self, t: int) -> bool:
+        """Whether ``U{t}`` can run now: its update group (if any) has all its gradients."""
+        group = self.update_group
+        return group is None or group.ready(self.index, self.base_minibatch + t)
+
     def update(self, index: int, t: int) -> None:
         """``U{t}`` (action ``index``): one optimizer step with the accumulated gradient."""
         assert self.plan is not None
         if index in self.plan.stash_at:
             self.store.stash_latest()
+        grads = self._grads
+        if self.update_group is not None:  # tied copies summed, the global norm clipped
+            grads = self.update_group.gradients(self.index, self.base_minibatch + t, grads)
         if self.optimizer is not None:
             if self.lr_lambda is not None:
                 factor = self.lr_lambda(self.base_minibatch + t)
                 for group, base in zip(self.optimizer.param_groups, self._base_lrs):
                     group["lr"] = base * factor
-            for p, g in zip(self.params, self._grads):
+            for p, g in zip(self.params, grads):
                 p.grad = g
+            if self.clip_norm is not None:
+                torch.nn.utils.clip_grad_norm_(self.params, self.clip_norm)
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
         self._grads = [None] * len(self.params)

@@ -12,7 +12,10 @@ token; at the backward the token unpacks to the same view of the *backward*
 weights. So ``dW = delta^T x`` uses the saved activations and
 ``dx = delta W_b`` the backward weights, and autograd never holds the live
 parameters that the optimizer updates in place. Buffers (BatchNorm running
-statistics) are kept by reference, never versioned.
+statistics) are kept by reference, never versioned. Under autocast a saved
+weight is often the weight's lower-precision cast (another storage): it is
+recognised from its autograd node (a copy of the weight leaf) and unpacks to
+the same cast of the backward weights (docs/design.md section 11).
 """
 
 from __future__ import annotations
@@ -93,6 +96,18 @@ class Saved:
     backward_weights: list[Tensor] = field(default_factory=list)
     target: Tensor | None = None
     fraction: float = 1.0
+    casts: dict[tuple[int, torch.dtype], Tensor] = field(default_factory=dict)
+    """Backward weights cast for autocast, made once per (weight, dtype) at the backward."""
+
+
+def _cast_of(t: Tensor) -> Tensor | None:
+    """The leaf ``t`` is a dtype cast of (``leaf.to(dtype)``, autocast's), else None."""
+    fn = t.grad_fn
+    if fn is None or type(fn).__name__ != "ToCopyBackward0" or not fn.next_functions:
+        return None
+    source = fn.next_functions[0][0]
+    variable = getattr(source, "variable", None)
+    return variable if isinstance(variable, Tensor) else None
 
 
 def weight_tokens(
@@ -107,6 +122,7 @@ def weight_tokens(
     # not use their values. Keep a reference instead of a versioned copy,
     # or the next micro-batch's forward would trip autograd's version check.
     buffers = {b.untyped_storage().data_ptr(): b for b in module.buffers() if b.numel() > 0}
+    leaf_index = {id(w): i for i, w in enumerate(saved.leaves)}
     counted: set[int] = set()
 
     def pack(t: Tensor) -> Any:
@@ -117,6 +133,11 @@ def weight_tokens(
             return ("w", i, t.size(), t.stride(), t.storage_offset() - leaf.storage_offset())
         if ptr in buffers:
             return ("b", buffers[ptr])
+        base = t if t._base is None else t._base
+        source = _cast_of(base)
+        if source is not None and id(source) in leaf_index:
+            offset = t.storage_offset() - base.storage_offset()
+            return ("c", leaf_index[id(source)], base.dtype, t.size(), t.stride(), offset)
         if ptr not in counted and ptr != 0:
             counted.add(ptr)
             saved.activation_bytes += t.untyped_storage().nbytes()
@@ -125,6 +146,12 @@ def weight_tokens(
     def unpack(p: Any) -> Tensor:
         if isinstance(p, tuple) and p[0] == "b":
             return p[1]
+        if isinstance(p, tuple) and p[0] == "c":
+            _, i, dtype, size, stride, off = p
+            cast = saved.casts.get((i, dtype))
+            if cast is None:
+                cast = saved.casts[(i, dtype)] = saved.backward_weights[i].to(dtype)
+            return cast.as_strided(size, stride, cast.storage_offset() + off)
         if isinstance(p, tuple):
             _, i, size, stride, off = p
             w = saved.backward_weights[i]

@@ -3,7 +3,8 @@
 The loop in :mod:`timeprest.train.loop` is written once. What differs between
 the engines is asked of a context: which process writes the run directory and
 logs, which processes read the data, how a value chosen on one process reaches
-the others, and how the test set is evaluated on the whole model.
+the others, and how the held-out data are evaluated on the whole model (by the run's task,
+:mod:`timeprest.tasks`).
 :class:`LocalContext` answers for the emulator (one process does everything);
 :class:`DistributedContext` for a torchrun job (rank r runs stage r, rank 0
 writes, the first and the last stage read data, rank 0 evaluates with every
@@ -15,40 +16,23 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar, cast
 
-import torch
 from torch import nn
 
 from timeprest.errors import ConfigError
 
 if TYPE_CHECKING:
-    from timeprest.data import Dataset
     from timeprest.engine.runtime import DistributedRuntime, RuntimeOptions
     from timeprest.pipeline import Pipeline
+    from timeprest.tasks import Metrics, Task
 
 T = TypeVar("T")
 
 
-@torch.no_grad()
 def evaluate(
-    stages: list[nn.Module], x: torch.Tensor, y: torch.Tensor, batch_size: int, device: str
-) -> tuple[float, float]:
-    """Mean cross-entropy loss and accuracy of the composed stages (latest weights)."""
-    model = nn.Sequential(*stages)
-    was_training = [m.training for m in stages]
-    model.eval()
-    total_loss, correct = 0.0, 0
-    try:
-        for i in range(0, len(x), batch_size):
-            xb = x[i : i + batch_size].to(device)
-            yb = y[i : i + batch_size].to(device)
-            out = model(xb)
-            total_loss += float(nn.functional.cross_entropy(out, yb, reduction="sum"))
-            correct += int((out.argmax(1) == yb).sum())
-    finally:
-        for m, t in zip(stages, was_training):
-            m.train(t)
-    n = max(len(x), 1)
-    return total_loss / n, correct / n
+    task: Task, stages: list[nn.Module], test: Any, batch_size: int, device: str
+) -> Metrics:
+    """The task's held-out metrics of the composed stages (their latest weights)."""
+    return task.evaluate(nn.Sequential(*stages), test, batch_size, device)
 
 
 class RunContext(Protocol):
@@ -84,9 +68,9 @@ class RunContext(Protocol):
         ...
 
     def evaluate(
-        self, pipe: Pipeline, stages: list[nn.Module], test: Dataset | None, batch_size: int
-    ) -> tuple[float, float]:
-        """Test loss and accuracy of the whole model with the latest weights, on every process."""
+        self, pipe: Pipeline, stages: list[nn.Module], task: Task, test: Any, batch_size: int
+    ) -> Metrics:
+        """The held-out metrics of the whole model with the latest weights, on every process."""
         ...
 
     def env(self) -> dict[str, Any]:
@@ -119,10 +103,10 @@ class LocalContext:
         return {"stages": stages}
 
     def evaluate(
-        self, pipe: Pipeline, stages: list[nn.Module], test: Dataset | None, batch_size: int
-    ) -> tuple[float, float]:
+        self, pipe: Pipeline, stages: list[nn.Module], task: Task, test: Any, batch_size: int
+    ) -> Metrics:
         assert test is not None, "the one local process reads the test set"
-        return evaluate(stages, test.x, test.y, batch_size, self.model_device)
+        return evaluate(task, stages, test, batch_size, self.model_device)
 
     def env(self) -> dict[str, Any]:
         return {}
@@ -179,8 +163,8 @@ class DistributedContext:
         }
 
     def evaluate(
-        self, pipe: Pipeline, stages: list[nn.Module], test: Dataset | None, batch_size: int
-    ) -> tuple[float, float]:
+        self, pipe: Pipeline, stages: list[nn.Module], task: Task, test: Any, batch_size: int
+    ) -> Metrics:
         import torch.distributed as dist
 
         device = pipe.runners[0].device
@@ -199,7 +183,7 @@ class DistributedContext:
             for s, state in enumerate(states):
                 if s != self.rank:
                     stages[s].load_state_dict(state)
-            result = evaluate(stages, test.x, test.y, batch_size, str(device))
+            result = evaluate(task, stages, test, batch_size, str(device))
         return self.broadcast(result)
 
     def env(self) -> dict[str, Any]:
