@@ -191,3 +191,30 @@ def test_train_cli_runs_a_language_model(tmp_path: Path) -> None:
         "--no-progress", "--run-dir", str(tmp_path / "bad"),
     )  # fmt: skip
     assert rc != 0 and "tied tensor" in err and "flush schedule" in err
+
+
+def test_eval_every_leaves_an_asynchronous_run_unchanged(tmp_path: Path) -> None:
+    """In the emulator a mid-epoch evaluation reads the live weights without a drain:
+    the mini-batch losses equal a run without --eval-every, bit for bit."""
+    import json
+
+    from helpers import run_cli
+
+    folder = write_corpus(tmp_path)
+
+    def train(name: str, *extra: str) -> list[float]:
+        rc, _, err = run_cli(
+            "train", "--model", "gpt", "--dataset", f"text:{folder}", "--method", "v-timeprest",
+            "--stages", "2", "--model-opt", "block_size=16,n_embd=16,n_layer=2", "--epochs", "1",
+            "--batch-size", "8", "--train-limit", "64", "--test-limit", "16", "--no-progress",
+            "--run-dir", str(tmp_path / name), *extra,
+        )  # fmt: skip
+        assert rc == 0, err
+        lines = (tmp_path / name / "minibatches.jsonl").read_text().splitlines()
+        return [json.loads(line)["loss"] for line in lines]
+
+    plain = train("plain")
+    evaluated = train("evaluated", "--eval-every", "3")
+    assert evaluated == plain and len(plain) == 8
+    evals = (tmp_path / "evaluated" / "evals.jsonl").read_text().splitlines()
+    assert [json.loads(e)["minibatches"] for e in evals] == [3, 6, 8]

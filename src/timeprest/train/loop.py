@@ -314,25 +314,51 @@ def _train(
         t0 = time.perf_counter()
         losses: list[float] = []
         eval_time = 0.0
+        first = pipe.minibatches_done
         every = cfg.eval_every or steps_per_epoch
-        for lo in range(0, steps_per_epoch, every):
-            hi = min(lo + every, steps_per_epoch)
+        # In one process every stage is here: a mid-epoch evaluation reads each stage's
+        # latest weights at the moment mini-batch t's loss is known, without a drain
+        # (no gradient, no randomness, training flags restored: the run is unchanged).
+        # Across processes the stages are elsewhere: the epoch is trained in pieces of
+        # K mini-batches, each drained before the evaluation.
+        midway = ctx.world_size == 1 and every < steps_per_epoch
+
+        spent = [0.0]  # seconds of mid-epoch evaluations in this epoch
+
+        def on_loss(
+            t: int, loss: float, progress: EpochProgress = progress, first: int = first,
+            epoch: int = epoch, midway: bool = midway, every: int = every,
+            spent: list[float] = spent,
+        ) -> None:  # fmt: skip
+            if ctx.shows_progress:
+                progress.update(t, loss)
+            done_here = t + 1 - first
+            if midway and done_here % every == 0 and done_here < steps_per_epoch:
+                t_eval = time.perf_counter()
+                with torch.random.fork_rng():
+                    metrics = evaluate()
+                spent[0] += time.perf_counter() - t_eval
+                append_eval(evals_log, epoch + 1, t + 1, metrics)
+
+        piece = steps_per_epoch if midway else every
+        for lo in range(0, steps_per_epoch, piece):
+            hi = min(lo + piece, steps_per_epoch)
             part = None if batches is None else (batches[i] for i in range(lo, hi))
             losses += pipe.train(
                 part,  # type: ignore[arg-type]  # None where this stage reads no data
-                on_loss=progress.update if ctx.shows_progress else None,
+                on_loss=on_loss if ctx.shows_progress or midway else None,
                 num_minibatches=hi - lo,
             )
             if ctx.writes:
                 append_minibatches(mb_log, pipe.report, epoch + 1)
             pipe.report.minibatches.clear()  # on disk now: memory stays flat on long runs
-            if hi < steps_per_epoch:  # the epoch's last evaluation is its row's
+            if not midway and hi < steps_per_epoch:  # the epoch's last evaluation is its row's
                 t_eval = time.perf_counter()
                 metrics = evaluate()
                 eval_time += time.perf_counter() - t_eval
                 if ctx.writes:
                     append_eval(evals_log, epoch + 1, pipe.minibatches_done, metrics)
-        train_time = time.perf_counter() - t0 - eval_time
+        train_time = time.perf_counter() - t0 - eval_time - spent[0]
         progress.close()
         test = evaluate()
         rep = pipe.report
