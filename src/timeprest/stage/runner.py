@@ -26,6 +26,7 @@ from timeprest.policy.rules import Policy
 from timeprest.report import StageReport, StageStep
 from timeprest.schedule.actions import Action
 from timeprest.stage.io import Batches
+from timeprest.stage.replicas import GradCombiner, Grads
 from timeprest.stage.weights import (
     Saved,
     call_with,
@@ -98,6 +99,9 @@ class StageRunner:
         self.recv_seconds = 0.0
         self._t0 = 0.0  # start of the action being timed
         self._release_at: dict[int, list[int]] = {}  # program index -> versions read last there
+        # data parallel (docs/design.md section 10): combines this copy's accumulated
+        # gradients with the other replicas' before each update; None with one replica
+        self.combine_grads: GradCombiner | None = None
 
     @property
     def is_first(self) -> bool:
@@ -106,6 +110,11 @@ class StageRunner:
     @property
     def is_last(self) -> bool:
         return self.index == self.num_stages - 1
+
+    @property
+    def accumulated_grads(self) -> Grads:
+        """The gradients accumulated since the last update (None where none arrived)."""
+        return list(self._grads)
 
     def begin(self, plan: StagePlan, base_minibatch: int) -> None:
         """Start a new schedule (the pipeline is drained: only the latest version is held)."""
@@ -353,6 +362,8 @@ class StageRunner:
                 factor = self.lr_lambda(self.base_minibatch + t)
                 for group, base in zip(self.optimizer.param_groups, self._base_lrs):
                     group["lr"] = base * factor
+            if self.combine_grads is not None:  # data parallel: the whole mini-batch's gradient
+                self._grads = self.combine_grads(t, self._grads)
             for p, g in zip(self.params, self._grads):
                 p.grad = g
             self.optimizer.step()
