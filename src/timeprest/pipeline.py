@@ -46,6 +46,7 @@ from timeprest.stage.replicas import replica_seed
 
 if TYPE_CHECKING:
     from timeprest.engine.runtime import RuntimeOptions
+    from timeprest.engine.runtime.layout import Layout
 
 ENGINES = ("emulate", "distributed")
 
@@ -123,9 +124,9 @@ class Pipeline:
         data_parallel: int = 1,
         device_mesh: Any = None,
     ) -> None:
-        if not isinstance(data_parallel, int) or isinstance(data_parallel, bool) or (
-            data_parallel < 1
-        ):
+        if isinstance(data_parallel, bool) or not isinstance(data_parallel, int):
+            raise ConfigError(f"data_parallel must be an integer >= 1, got {data_parallel!r}")
+        if data_parallel < 1:
             raise ConfigError(f"data_parallel must be an integer >= 1, got {data_parallel!r}")
         if device_mesh is not None and engine != "distributed":
             raise ConfigError("device_mesh is for engine='distributed'")
@@ -136,9 +137,11 @@ class Pipeline:
             from timeprest.engine.runtime import DistributedRuntime
 
             self._engine = DistributedRuntime(runtime, data_parallel, device_mesh)
+            self._layout: Layout | None = self._engine.layout
             data_parallel = self._engine.layout.num_replicas
         else:
             self._engine = Emulator()
+            self._layout = None
         stage_list = self._engine.build_stages(stages, num_stages)
         if optimizer is None:
             raise ConfigError(
@@ -206,7 +209,8 @@ class Pipeline:
                 [runner(s, copy.deepcopy(m), r) for s, m in local] for r in range(1, data_parallel)
             ]
         else:
-            replica = self._engine.layout.replica
+            assert self._layout is not None
+            replica = self._layout.replica
             self.runners = [
                 self._engine.agreed("building the stage", lambda: runner(*local[0], replica))
             ]
@@ -397,5 +401,4 @@ class Pipeline:
 
     def _engine_replica(self) -> int:
         """The replica this process's runners belong to (0 in the emulator)."""
-        layout = getattr(self._engine, "layout", None)
-        return 0 if layout is None else int(layout.replica)
+        return 0 if self._layout is None else self._layout.replica

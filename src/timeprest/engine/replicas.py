@@ -12,7 +12,7 @@ figures are replica 0's.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from timeprest.engine.emulator import CheckingMailbox
 from timeprest.engine.executor import StageExecutor
@@ -23,6 +23,7 @@ from timeprest.stage import Minibatch, StageRunner, StreamedBatches
 from timeprest.stage.replicas import (
     EmulatedReduction,
     Fanout,
+    Grads,
     combine_losses,
     part_weights,
 )
@@ -50,6 +51,10 @@ class _GatedMailbox:
 
     def progress(self) -> None:
         pass
+
+
+def _reader(runner: StageRunner) -> Callable[[], Grads]:
+    return lambda: runner.accumulated_grads
 
 
 def _as_checked(t: int, batch: object) -> Minibatch:
@@ -99,7 +104,7 @@ def run_replicas(job: Job) -> Outcome:
 
     for s in range(len(job.runners)):
         stage = [c[s] for c in copies]
-        reduction = EmulatedReduction([lambda rn=rn: rn.accumulated_grads for rn in stage], weights)
+        reduction = EmulatedReduction([_reader(rn) for rn in stage], weights)
         for r, runner in enumerate(stage):
             runner.begin(plans[s], job.base_minibatch)
             runner.combine_grads = reduction.hook(r)
@@ -112,7 +117,9 @@ def run_replicas(job: Job) -> Outcome:
             if len(got) == d and job.on_loss is not None:
                 del pending[t_global]
                 losses = [got[q] for q in range(d)]
-                job.on_loss(t_global, combine_losses(losses, weights(t_global - job.base_minibatch)))
+                job.on_loss(
+                    t_global, combine_losses(losses, weights(t_global - job.base_minibatch))
+                )
 
         return on_loss
 
@@ -125,7 +132,5 @@ def run_replicas(job: Job) -> Outcome:
             c[-1].on_loss = None
             for runner in c:
                 runner.combine_grads = None
-    losses = [
-        combine_losses([c[-1].losses[t] for c in copies], weights(t)) for t in range(count)
-    ]
+    losses = [combine_losses([c[-1].losses[t] for c in copies], weights(t)) for t in range(count)]
     return Outcome(losses, [r.steps for r in job.runners], [r.report() for r in job.runners])

@@ -39,7 +39,10 @@ def part_weights(rows: int, num_replicas: int) -> list[float]:
 def replica_part(batch: Minibatch, replica: int, num_replicas: int) -> Minibatch:
     """Part ``replica`` of a mini-batch: the rows that replica trains on."""
     x, y = batch
-    return torch.tensor_split(x, num_replicas)[replica], torch.tensor_split(y, num_replicas)[replica]
+    return (
+        torch.tensor_split(x, num_replicas)[replica],
+        torch.tensor_split(y, num_replicas)[replica],
+    )
 
 
 def replica_seed(seed: int, replica: int) -> int:
