@@ -155,7 +155,7 @@ class Emulator:
         if job.replicas:  # data parallel: docs/design.md section 10
             from timeprest.engine.replicas import run_replicas
 
-            return run_replicas(job)
+            return run_replicas(job, CheckingMailbox)
         batches = job.batches
         count = job.num_minibatches
         if count is None:

@@ -14,8 +14,9 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 
-from timeprest.engine.emulator import CheckingMailbox
-from timeprest.engine.executor import StageExecutor
+from torch import Tensor
+
+from timeprest.engine.executor import StageExecutor, Transport
 from timeprest.engine.protocol import Job, Outcome
 from timeprest.errors import ScheduleError
 from timeprest.schedule.lower import Lowered, Op
@@ -28,11 +29,14 @@ from timeprest.stage.replicas import (
     part_weights,
 )
 
+# the emulator's checking mailbox, given by the emulator (which imports this module)
+MailboxFactory = Callable[[str], Transport]
+
 
 class _GatedMailbox:
     """A replica's mailbox that also holds each update until every copy of its stage is there."""
 
-    def __init__(self, mailbox: CheckingMailbox, copies: list[StageExecutor], mine: int) -> None:
+    def __init__(self, mailbox: Transport, copies: list[StageExecutor], mine: int) -> None:
         self.mailbox = mailbox
         self.copies = copies  # the executors of this stage, one per replica
         self.mine = mine
@@ -43,10 +47,10 @@ class _GatedMailbox:
             return all(c.pos >= here for c in self.copies)
         return self.mailbox.ready(op)
 
-    def recv(self, op: Op):  # type: ignore[no-untyped-def]
+    def recv(self, op: Op) -> Tensor:
         return self.mailbox.recv(op)
 
-    def send(self, op: Op, tensor) -> None:  # type: ignore[no-untyped-def]
+    def send(self, op: Op, tensor: Tensor) -> None:
         self.mailbox.send(op, tensor)
 
     def progress(self) -> None:
@@ -62,14 +66,17 @@ def _as_checked(t: int, batch: object) -> Minibatch:
 
 
 def run_lockstep(
-    lowered: Lowered, copies: Sequence[Sequence[StageRunner]], sources: Sequence[StreamedBatches]
+    lowered: Lowered,
+    copies: Sequence[Sequence[StageRunner]],
+    sources: Sequence[StreamedBatches],
+    mailbox_factory: MailboxFactory,
 ) -> None:
     """Run the programs of every replica to the end, updates held for the slowest copy."""
     w = len(lowered.programs)
     grid: list[list[StageExecutor]] = [[] for _ in range(w)]  # per stage: one per replica
     executors: list[StageExecutor] = []
     for r, (runners, source) in enumerate(zip(copies, sources)):
-        mailbox = CheckingMailbox(lowered.schedule.backward_unit)
+        mailbox = mailbox_factory(lowered.schedule.backward_unit)
         for s, (ops, runner) in enumerate(zip(lowered.programs, runners)):
             ex = StageExecutor(ops, runner, _GatedMailbox(mailbox, grid[s], r), source)
             grid[s].append(ex)
@@ -83,7 +90,7 @@ def run_lockstep(
             raise ScheduleError("the replicas deadlock: " + "; ".join(stuck[:4]))
 
 
-def run_replicas(job: Job) -> Outcome:
+def run_replicas(job: Job, mailbox_factory: MailboxFactory) -> Outcome:
     """The emulator's :meth:`run` for ``D = 1 + len(job.replicas)`` replicas."""
     copies = [list(job.runners), *[list(rs) for rs in job.replicas]]
     d = len(copies)
@@ -126,7 +133,7 @@ def run_replicas(job: Job) -> Outcome:
     for r, c in enumerate(copies):
         c[-1].on_loss = collector(r)
     try:
-        run_lockstep(lowered, copies, sources)
+        run_lockstep(lowered, copies, sources, mailbox_factory)
     finally:
         for c in copies:
             c[-1].on_loss = None
