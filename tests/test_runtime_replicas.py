@@ -9,7 +9,6 @@ spawn, gloo, a file rendezvous in ``tmp_path``, one intra-op thread.
 
 from __future__ import annotations
 
-import os
 import signal
 import time
 from pathlib import Path
@@ -21,6 +20,7 @@ from torch import nn
 
 import timeprest
 from helpers import init_group, spawn
+from test_runtime import _KillOnCall
 from timeprest.engine.runtime import RuntimeOptions
 
 W, D = 2, 2
@@ -146,21 +146,6 @@ def test_replicas_match_the_emulator_and_one_pipeline(tmp_path: Path) -> None:
     for s in range(W):
         for k, v in pipe.stages[s].state_dict().items():
             assert torch.equal(resumed.stages[s].state_dict()[k], v), (s, k)
-
-
-class _KillOnCall(nn.Module):
-    """Kills its own process (no Python exception, no cleanup) on the n-th forward."""
-
-    def __init__(self, inner: nn.Module, n: int, stamp: str) -> None:
-        super().__init__()
-        self.inner, self.n, self.stamp, self.calls = inner, n, stamp, 0
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        self.calls += 1
-        if self.calls == self.n:
-            Path(self.stamp).write_text(repr(time.time()))
-            os.kill(os.getpid(), signal.SIGKILL)
-        return self.inner(x)
 
 
 def _kill_worker(rank: int, world: int, tmp: str) -> None:
