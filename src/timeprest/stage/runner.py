@@ -27,6 +27,7 @@ from timeprest.report import StageReport, StageStep
 from timeprest.schedule.actions import Action
 from timeprest.stage.io import Batches
 from timeprest.stage.precision import autocast
+from timeprest.stage.replicas import GradCombiner, Grads
 from timeprest.stage.weights import (
     Saved,
     call_with,
@@ -107,6 +108,9 @@ class StageRunner:
         self.precision = "fp32"
         self.clip_norm: float | None = None
         self.update_group: UpdateGroup | None = None
+        # data parallel (docs/design.md section 10): combines this copy's accumulated
+        # gradients with the other replicas' before each update; None with one replica
+        self.combine_grads: GradCombiner | None = None
 
     @property
     def is_first(self) -> bool:
@@ -115,6 +119,11 @@ class StageRunner:
     @property
     def is_last(self) -> bool:
         return self.index == self.num_stages - 1
+
+    @property
+    def accumulated_grads(self) -> Grads:
+        """The gradients accumulated since the last update (None where none arrived)."""
+        return list(self._grads)
 
     def begin(self, plan: StagePlan, base_minibatch: int) -> None:
         """Start a new schedule (the pipeline is drained: only the latest version is held)."""
@@ -367,6 +376,8 @@ class StageRunner:
         if index in self.plan.stash_at:
             self.store.stash_latest()
         grads = self._grads
+        if self.combine_grads is not None and self.optimizer is not None:
+            grads = self.combine_grads(t, grads)  # data parallel: the whole mini-batch's
         if self.update_group is not None:  # tied copies summed, the global norm clipped
             grads = self.update_group.gradients(self.index, self.base_minibatch + t, grads)
         if self.optimizer is not None:

@@ -169,7 +169,15 @@ class TrainConfig:
         choices=ENGINES,
     )
     nproc: int | None = option(
-        None, "processes for --engine distributed (must equal --stages)", "execution"
+        None,
+        "processes for --engine distributed (must equal --stages x --data-parallel)",
+        "execution",
+    )
+    data_parallel: int = option(
+        1,
+        "replicas of the pipeline, each on 1/D of every mini-batch, gradients combined "
+        "before each update (distributed: D x stages processes)",
+        "execution",
     )
     threads: int | None = option(
         None,
@@ -194,7 +202,7 @@ class TrainConfig:
     def validate(self) -> None:
         """Raise ConfigError for any bad value, with the value and the fix."""
         get_method(self.method)
-        for name in ("stages", "epochs", "batch_size", "eval_batch_size"):
+        for name in ("stages", "epochs", "batch_size", "eval_batch_size", "data_parallel"):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise ConfigError(f"{_flag(name)} must be an integer >= 1, got {v!r}")
@@ -231,14 +239,26 @@ class TrainConfig:
                 f"--batch-size {self.batch_size} is smaller than --microbatches {n}: "
                 "each micro-batch needs at least one row"
             )
+        if self.batch_size < n * self.data_parallel:
+            raise ConfigError(
+                f"--batch-size {self.batch_size} is smaller than --data-parallel "
+                f"{self.data_parallel} x --microbatches {n}: each replica's micro-batch "
+                "needs at least one row"
+            )
         if self.device == "cuda":
             import torch
 
             if not torch.cuda.is_available():
                 raise ConfigError("--device cuda but no CUDA device is available; use --device cpu")
-        if self.engine == "distributed" and self.nproc is not None and self.nproc != self.stages:
+        procs = self.stages * self.data_parallel
+        if self.engine == "distributed" and self.nproc is not None and self.nproc != procs:
+            if self.data_parallel == 1:
+                raise ConfigError(
+                    f"--nproc {self.nproc} must equal --stages {self.stages}: one process per stage"
+                )
             raise ConfigError(
-                f"--nproc {self.nproc} must equal --stages {self.stages}: one process per stage"
+                f"--nproc {self.nproc} must equal --stages {self.stages} x --data-parallel "
+                f"{self.data_parallel} = {procs}: one process per stage of each replica"
             )
         self.balance_value()
 

@@ -113,23 +113,28 @@ class LocalContext:
 
 
 class DistributedContext:
-    """A torchrun job: rank r runs stage r; control messages go over the runtime's gloo group."""
+    """A torchrun job: rank r runs stage r (with D replicas, rank replica * W + stage);
+    control messages go over the runtime's gloo group."""
 
-    def __init__(self, options: RuntimeOptions, num_stages: int) -> None:
-        from timeprest.engine.runtime import DistributedRuntime
+    def __init__(self, options: RuntimeOptions, num_stages: int, data_parallel: int = 1) -> None:
+        from timeprest.engine.runtime import DistributedRuntime, init_distributed
 
         self.options = options
-        self.job: DistributedRuntime = DistributedRuntime(options)
-        self.rank, self.world_size = self.job.rank, self.job.world_size
-        if self.world_size != num_stages:
+        info = init_distributed(options)
+        self.rank, self.world_size = info.rank, info.world_size
+        procs = num_stages * data_parallel
+        if self.world_size != procs:
+            what = "" if data_parallel == 1 else f" x --data-parallel {data_parallel}"
             raise ConfigError(
-                f"--stages {num_stages} but the job has {self.world_size} processes: one "
-                f"process per stage (torchrun --nproc-per-node {num_stages})"
+                f"--stages {num_stages}{what} but the job has {self.world_size} processes: one "
+                f"process per stage (torchrun --nproc-per-node {procs})"
             )
-        last = self.world_size - 1
+        self.job: DistributedRuntime = DistributedRuntime(options, data_parallel)
+        # rank replica * W + stage (docs/design.md section 10): replica 0 is ranks 0..W-1
+        self.stage = self.job.layout.stage
         self.writes = self.rank == 0
-        self.reads_data = self.rank in (0, last)
-        self.shows_progress = self.rank == last
+        self.reads_data = self.stage in (0, num_stages - 1)
+        self.shows_progress = self.rank == self.job.layout.ranks[0][-1]
         self.model_device = "cpu"  # the runtime moves each rank's stage to its device
         self._eval_ready = False
 
@@ -170,27 +175,30 @@ class DistributedContext:
         device = pipe.runners[0].device
         if self.writes and not self._eval_ready:  # rank 0's copies of the other stages join it
             for s, module in enumerate(stages):
-                if s != self.rank:
+                if s != self.stage:
                     module.to(device)
             self._eval_ready = True
-        own = stages[self.rank]
+        own = stages[self.stage]
         states: list[Any] | None = [None] * self.world_size if self.writes else None
         dist.gather_object(
             {k: v.cpu() for k, v in own.state_dict().items()}, states, dst=0, group=self.job.group
         )
         result = None
         if self.writes and states is not None and test is not None:
-            for s, state in enumerate(states):
-                if s != self.rank:
-                    stages[s].load_state_dict(state)
+            # replica 0's stages (every replica holds the same weights): evaluated once
+            for s, r in enumerate(self.job.layout.ranks[0]):
+                if r != self.rank:
+                    stages[s].load_state_dict(states[r])
             result = evaluate(task, stages, test, batch_size, str(device))
         return self.broadcast(result)
 
     def env(self) -> dict[str, Any]:
-        return {"processes": self.world_size}
+        return {"processes": self.world_size, "data_parallel": self.job.layout.num_replicas}
 
 
-def make_context(engine: str, device: str, threads: int | None, num_stages: int) -> RunContext:
+def make_context(
+    engine: str, device: str, threads: int | None, num_stages: int, data_parallel: int = 1
+) -> RunContext:
     """The context of a run: local for the emulator, distributed inside a torchrun job."""
     if engine != "distributed":
         return LocalContext(device)
@@ -199,4 +207,4 @@ def make_context(engine: str, device: str, threads: int | None, num_stages: int)
     options = RuntimeOptions(
         num_threads=threads or 1, backend="nccl" if device == "cuda" else "gloo"
     )
-    return DistributedContext(options, num_stages)
+    return DistributedContext(options, num_stages, data_parallel)

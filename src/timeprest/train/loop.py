@@ -155,6 +155,7 @@ def build_pipeline(
         clip_grad_norm=cfg.clip_grad_norm,
         clip_scope=cfg.clip_scope,
         tied=tied,
+        data_parallel=cfg.data_parallel,
         **options,
     )
 
@@ -174,7 +175,7 @@ def run_training(
         return launch_training(cfg, resume=resume, overwrite=overwrite, log=log)
     if cfg.threads is not None and cfg.engine != "distributed":  # the runtime sets its own
         torch.set_num_threads(cfg.threads)
-    ctx = make_context(cfg.engine, cfg.device, cfg.threads, cfg.stages)
+    ctx = make_context(cfg.engine, cfg.device, cfg.threads, cfg.stages, cfg.data_parallel)
     return _train(cfg, ctx, resume=resume, overwrite=overwrite, log=log if ctx.writes else _quiet)
 
 
@@ -403,14 +404,14 @@ def launch_training(
 ) -> RunResult:
     """``--engine distributed`` outside torchrun: run ``timeprest train`` under torchrun.
 
-    Starts ``cfg.nproc or cfg.stages`` workers on loopback with
+    Starts ``cfg.nproc or cfg.stages x cfg.data_parallel`` workers on loopback with
     :func:`timeprest.engine.launch.launch_local`, each running this module's loop
     for its stage from the same configuration (a temporary config file), waits,
     and returns the result read back from the run directory.
     """
     from timeprest.engine.launch import StageFailure, launch_local
 
-    nproc = cfg.nproc or cfg.stages
+    nproc = cfg.nproc or cfg.stages * cfg.data_parallel
     fixed = replace(cfg, run_dir=str(run_dir_of(cfg)))  # every worker writes the same place
     with tempfile.TemporaryDirectory(prefix="timeprest-launch-") as tmp:
         config_file = str(Path(tmp) / "config.json")
