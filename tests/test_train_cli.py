@@ -377,3 +377,24 @@ def test_distributed_outside_torchrun_relaunches_the_same_loop(tmp_path):
     (e_want,) = jsonl(tmp_path / "emulated" / "epochs.jsonl")
     (e_got,) = jsonl(tmp_path / "dist" / "epochs.jsonl")
     assert [e_got[k] for k in keys] == [e_want[k] for k in keys]
+
+
+@pytest.mark.parametrize("extra", [[], ["--eval-every", "3"]])
+def test_epoch_rows_average_every_minibatch_record(tmp_path: Path, extra: list[str]) -> None:
+    """The epoch row's staleness and distance are the means over that epoch's mini-batch
+    records (a regression: they once read an already-emptied report and said 0)."""
+    run = tmp_path / "run"
+    rc, _, err = run_cli(
+        "train", *SMALL_RUN, "--method", "pipedream", "--epochs", "2", "--run-dir", str(run),
+        *extra,
+    )  # fmt: skip
+    assert rc == 0, err
+    rows = [json.loads(line) for line in (run / "epochs.jsonl").read_text().splitlines()]
+    records = [json.loads(line) for line in (run / "minibatches.jsonl").read_text().splitlines()]
+    for row in rows:
+        mine = [r for r in records if r["epoch"] == row["epoch"]]
+        stage0 = [d for r in mine for d in r["staleness"][0]]
+        assert row["mean_staleness"][0] == pytest.approx(sum(stage0) / len(stage0))
+        assert row["mean_staleness"][0] > 0
+        dist = [r["relative_distance"][0] for r in mine]
+        assert row["mean_relative_distance"][0] == pytest.approx(sum(dist) / len(dist))

@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from timeprest.files import read_json, write_json
+from timeprest.report import MinibatchReport
 from timeprest.train.config import TrainConfig, write_config_file
 from timeprest.train.context import RunContext, make_context
 from timeprest.train.progress import EpochProgress
@@ -342,6 +343,7 @@ def _train(
                 append_eval(evals_log, epoch + 1, t + 1, metrics)
 
         piece = steps_per_epoch if midway else every
+        records: list[MinibatchReport] = []
         for lo in range(0, steps_per_epoch, piece):
             hi = min(lo + piece, steps_per_epoch)
             part = None if batches is None else (batches[i] for i in range(lo, hi))
@@ -352,7 +354,8 @@ def _train(
             )
             if ctx.writes:
                 append_minibatches(mb_log, pipe.report, epoch + 1)
-            pipe.report.minibatches.clear()  # on disk now: memory stays flat on long runs
+            # the epoch row's staleness and distance means cover every piece of the epoch
+            records.extend(pipe.report.minibatches)
             if not midway and hi < steps_per_epoch:  # the epoch's last evaluation is its row's
                 t_eval = time.perf_counter()
                 metrics = evaluate()
@@ -363,6 +366,7 @@ def _train(
         progress.close()
         test = evaluate()
         rep = pipe.report
+        rep.minibatches = records
         row = EpochRow.from_report(
             epoch + 1,
             losses,
@@ -374,6 +378,7 @@ def _train(
             rep,
             task=task.name,
         )
+        rep.minibatches = []  # on disk now: memory stays flat on long runs
         row = ctx.broadcast(row)  # the writer's clock for every process's history
         history.append(row)
         if ctx.writes:
