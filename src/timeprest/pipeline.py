@@ -31,7 +31,7 @@ from timeprest.checkpoint import load_checkpoint, save_checkpoint
 from timeprest.engine.emulator import Emulator
 from timeprest.engine.protocol import Engine, Job, StageSpec
 from timeprest.errors import ConfigError
-from timeprest.policy.methods import DEFAULT_METHOD, resolve
+from timeprest.policy.methods import DEFAULT_METHOD, RemedyOverrides, resolve
 from timeprest.policy.plan import StagePlan, plan_versions
 from timeprest.policy.rules import Significance
 from timeprest.report import MinibatchReport, Report, StageReport, StageStep
@@ -68,12 +68,29 @@ def custom_schedule(text: str, costs: CostSpec = "default") -> Schedule:
     return _from_programs("nf1b" if whole else "custom", programs, n, t, costs)
 
 
+def _remedy_overrides(remedies: RemedyOverrides | None) -> RemedyOverrides:
+    if remedies is None:
+        return {}
+    if not isinstance(remedies, dict):
+        raise ConfigError(f"remedies must be a dict of overrides, got {type(remedies).__name__}")
+    unknown = sorted(set(remedies) - set(RemedyOverrides.__annotations__))
+    if unknown:
+        raise ConfigError(
+            f"unknown remedy setting {unknown[0]!r}: expected one of "
+            f"{', '.join(RemedyOverrides.__annotations__)}"
+        )
+    return remedies
+
+
 class Pipeline:
     """Pipeline-parallel training of ``stages`` with a method's schedule and weight policy.
 
     ``method`` names a preset (docs/design.md section 6; default
     :data:`timeprest.policy.DEFAULT_METHOD`); ``schedule``, ``forward``, ``backward``,
-    ``grad_rule``, ``significance`` and ``decay`` override its parts one by one.
+    ``grad_rule``, ``significance`` and ``decay`` override its parts one by one, and so
+    do the remedies of docs/design.md section 12 (``remedies``: a dict with any of
+    ``correction``, ``lr_rule``, ``gamma``, ``dc_lambda``, ``gap_beta``, ``gap_eps``,
+    ``warmup``).
     ``schedule`` is a kind (``gpipe``, ``1f1b``, ``nf1b``, ``2bw``), or a custom
     :class:`~timeprest.schedule.Schedule` or program text (see :func:`custom_schedule`),
     which then runs exactly as given for its number of mini-batches.
@@ -110,6 +127,7 @@ class Pipeline:
         lr_lambda: Callable[[int], float] | None = None,
         num_stages: int | None = None,
         runtime: RuntimeOptions | None = None,
+        remedies: RemedyOverrides | None = None,
     ) -> None:
         if engine not in ENGINES:
             raise ConfigError(f"unknown engine {engine!r}: expected one of {', '.join(ENGINES)}")
@@ -155,6 +173,7 @@ class Pipeline:
             grad_rule=grad_rule,
             significance=significance,
             decay=decay,
+            **_remedy_overrides(remedies),
             warn=self._custom is None,
             stacklevel=3,
         )
@@ -348,6 +367,7 @@ class Pipeline:
             "grad_rule": self.policy.grad_rule,
             "significance": sig.kind,
             "decay": sig.decay,
+            **self.policy.describe_remedies(),
             "num_stages": self.num_stages,
             "num_microbatches": self.num_microbatches,
             "costs": self.costs.name,

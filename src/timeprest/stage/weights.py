@@ -96,11 +96,18 @@ class Saved:
 
 
 def weight_tokens(
-    saved: Saved, module: nn.Module
+    saved: Saved, module: nn.Module, reads: Sequence[Tensor] | None = None
 ) -> tuple[Callable[[Tensor], Any], Callable[[Any], Tensor]]:
-    """The pack/unpack pair: weight reads become tokens; other saved bytes are counted."""
+    """The pack/unpack pair: weight reads become tokens; other saved bytes are counted.
+
+    ``reads``: the tensors the forward runs on, when they are not the leaves
+    themselves (a predicted forward computes them from the leaves).
+    """
+    # ints only: the closures live as long as the graph and must not keep predicted weights
     storages = {
-        w.untyped_storage().data_ptr(): i for i, w in enumerate(saved.leaves) if w.numel() > 0
+        w.untyped_storage().data_ptr(): (i, w.device, w.storage_offset())
+        for i, w in enumerate(saved.leaves if reads is None else reads)
+        if w.numel() > 0
     }
     # Buffers (BatchNorm running statistics) are updated in place by every
     # forward; autograd saves them although a training-mode backward does
@@ -111,10 +118,10 @@ def weight_tokens(
 
     def pack(t: Tensor) -> Any:
         ptr = t.untyped_storage().data_ptr() if t.numel() > 0 else 0
-        i = storages.get(ptr)
-        if i is not None and t.device == saved.leaves[i].device:
-            leaf = saved.leaves[i]
-            return ("w", i, t.size(), t.stride(), t.storage_offset() - leaf.storage_offset())
+        found = storages.get(ptr)
+        if found is not None and t.device == found[1]:
+            i, _, offset = found
+            return ("w", i, t.size(), t.stride(), t.storage_offset() - offset)
         if ptr in buffers:
             return ("b", buffers[ptr])
         if ptr not in counted and ptr != 0:
