@@ -257,7 +257,7 @@ def test_predicted_forward_with_stashed_backward_matches_reference(n):
 @pytest.mark.parametrize("n", [1, 3])
 def test_pipemare_matches_reference(n):
     check_against_reference(
-        "pipemare", n, "momentum", {"remedies": {"warmup": 4}}, backward="velocity", warmup=4
+        "pipemare", n, "momentum", {"pipemare_warmup": 4}, backward="velocity", warmup=4
     )
 
 
@@ -267,7 +267,7 @@ def test_velocity_backward_matches_reference(gamma):
         "v-timeprest",
         3,
         "sgd",
-        {"backward": "velocity", "remedies": {"gamma": gamma}},
+        {"backward": "velocity", "gamma": gamma},
         backward="velocity",
         gamma=gamma,
     )
@@ -287,7 +287,7 @@ def test_i_timeprest_velocity_matches_reference(n):
 
 def test_pipedream_lr_matches_reference():
     check_against_reference(
-        "pipedream-lr", 1, "sgd", {"remedies": {"warmup": 5}}, backward="stashed", warmup=5
+        "pipedream-lr", 1, "sgd", {"pipemare_warmup": 5}, backward="stashed", warmup=5
     )
 
 
@@ -297,7 +297,7 @@ def test_dc_asgd_matches_reference(n):
         "dc-asgd",
         n,
         "sgd",
-        {"remedies": {"dc_lambda": 2.0}},
+        {"dc_lambda": 2.0},
         backward="stashed",
         correction="dc",
         dc_lambda=2.0,
@@ -311,7 +311,7 @@ def test_gap_aware_matches_reference(n, opt):
         "gap-aware",
         n,
         opt,
-        {"remedies": {"gap_beta": 0.9}},
+        {"gap_beta": 0.9},
         backward="stashed",
         correction="gap-aware",
         gap_beta=0.9,
@@ -323,7 +323,7 @@ def test_correction_on_a_latest_backward_matches_reference():
         "v-timeprest",
         2,
         "sgd",
-        {"remedies": {"correction": "dc", "dc_lambda": 1.0}},
+        {"correction": "dc", "dc_lambda": 1.0},
         backward="latest",
         correction="dc",
         dc_lambda=1.0,
@@ -392,15 +392,15 @@ def test_predicted_reads_the_live_weights_exactly_where_d_is_zero():
 
 def test_dc_with_lambda_zero_and_gap_aware_with_infinite_c_equal_stashed():
     base = run("pipedream", 1)
-    assert_same(run("dc-asgd", 1, remedies={"dc_lambda": 0.0}), base)
-    assert_same(run("gap-aware", 1, remedies={"gap_eps": math.inf}), base)
-    assert not torch.allclose(run("dc-asgd", 1, remedies={"dc_lambda": 5.0})[1], base[1])
+    assert_same(run("dc-asgd", 1, dc_lambda=0.0), base)
+    assert_same(run("gap-aware", 1, gap_eps=math.inf), base)
+    assert not torch.allclose(run("dc-asgd", 1, dc_lambda=5.0)[1], base[1])
     assert not torch.allclose(run("gap-aware", 1)[1], base[1])
 
 
 def test_velocity_limits_equal_latest():
     latest = run("v-timeprest", 3)
-    assert_same(run("v-timeprest", 3, backward="velocity", remedies={"gamma": 1.0}), latest)
+    assert_same(run("v-timeprest", 3, backward="velocity", gamma=1.0), latest)
     assert_same(run("i-timeprest-velocity", 3, decay=math.inf), latest)
     # sigma = 1 (lambda = 0): the full velocity extrapolation
     assert_same(
@@ -412,7 +412,7 @@ def test_velocity_limits_equal_latest():
 def test_pipemare_lr_after_warmup_is_the_optimizers():
     # K = 1: p(t) = 0 from the first update on, so only the velocity remains
     assert_same(
-        run("pipemare", 3, remedies={"warmup": 1}),
+        run("pipemare", 3, pipemare_warmup=1),
         run("v-timeprest", 3, backward="velocity"),
     )
 
@@ -512,8 +512,8 @@ def test_bad_remedy_settings_are_config_errors():
         LrRule("pipemare", 0)
     with pytest.raises(ConfigError, match="learning-rate rule"):
         resolve_policy("pipedream", lr_rule="cosine")
-    with pytest.raises(ConfigError, match="unknown remedy setting 'gama'"):
-        make_pipe(tanh_mlp_stages(2), "pipemare", 2, remedies={"gama": 0.5})
+    with pytest.raises(ConfigError, match="unknown Pipeline argument 'gama'"):
+        make_pipe(tanh_mlp_stages(2), "pipemare", 2, gama=0.5)
 
 
 def test_pipemare_factor():
@@ -523,3 +523,29 @@ def test_pipemare_factor():
     assert r.factor(10, 4.0) == 1.0 == r.factor(50, 4.0)
     assert r.factor(0, 0.0) == 1.0  # tau is at least 1
     assert LrRule().factor(0, 4.0) == 1.0
+
+
+def test_benchmark_script_runs_every_method_it_is_given(tmp_path: Path, capsys):
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "remedies.py"
+    spec = importlib.util.spec_from_file_location("remedies_benchmark", path)
+    assert spec is not None and spec.loader is not None
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    argv = [
+        "--dataset", "synthetic:train=64,test=32", "--model", "mlp", "--stages", "2",
+        "--epochs", "1", "--seeds", "0,1", "--batch-size", "16", "--jobs", "1",
+        "--methods", "pipedream,gap-aware,i-timeprest-velocity", "--out", str(tmp_path),
+    ]  # fmt: skip
+    assert bench.main(argv) == 0
+    text = (tmp_path / "results.md").read_text()
+    rows = [ln for ln in text.splitlines() if ln.startswith("| ") and "%" not in ln]
+    assert [r.split("|")[1].strip() for r in rows] == [
+        "pipedream",
+        "gap-aware",
+        "i-timeprest-velocity",
+    ]
+    # i-timeprest-velocity: one version per stage and one buffer
+    assert rows[2].split("|")[4].strip() == "1 / 1" and rows[2].split("|")[5].strip() == "1"
+    assert "0 of 2" in rows[0]

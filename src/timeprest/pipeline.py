@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
+from typing_extensions import Unpack
 
 from timeprest.checkpoint import load_checkpoint, save_checkpoint
 from timeprest.engine.emulator import Emulator
@@ -68,15 +69,11 @@ def custom_schedule(text: str, costs: CostSpec = "default") -> Schedule:
     return _from_programs("nf1b" if whole else "custom", programs, n, t, costs)
 
 
-def _remedy_overrides(remedies: RemedyOverrides | None) -> RemedyOverrides:
-    if remedies is None:
-        return {}
-    if not isinstance(remedies, dict):
-        raise ConfigError(f"remedies must be a dict of overrides, got {type(remedies).__name__}")
+def _remedy_overrides(remedies: RemedyOverrides) -> RemedyOverrides:
     unknown = sorted(set(remedies) - set(RemedyOverrides.__annotations__))
     if unknown:
         raise ConfigError(
-            f"unknown remedy setting {unknown[0]!r}: expected one of "
+            f"unknown Pipeline argument {unknown[0]!r}: the remedy settings are "
             f"{', '.join(RemedyOverrides.__annotations__)}"
         )
     return remedies
@@ -88,9 +85,9 @@ class Pipeline:
     ``method`` names a preset (docs/design.md section 6; default
     :data:`timeprest.policy.DEFAULT_METHOD`); ``schedule``, ``forward``, ``backward``,
     ``grad_rule``, ``significance`` and ``decay`` override its parts one by one, and so
-    do the remedies of docs/design.md section 12 (``remedies``: a dict with any of
-    ``correction``, ``lr_rule``, ``gamma``, ``dc_lambda``, ``gap_beta``, ``gap_eps``,
-    ``warmup``).
+    do the remedies of docs/design.md section 12 (keywords ``correction``,
+    ``lr_rule``, ``gamma``, ``dc_lambda``, ``gap_beta``, ``gap_eps``,
+    ``pipemare_warmup``).
     ``schedule`` is a kind (``gpipe``, ``1f1b``, ``nf1b``, ``2bw``), or a custom
     :class:`~timeprest.schedule.Schedule` or program text (see :func:`custom_schedule`),
     which then runs exactly as given for its number of mini-batches.
@@ -127,7 +124,7 @@ class Pipeline:
         lr_lambda: Callable[[int], float] | None = None,
         num_stages: int | None = None,
         runtime: RuntimeOptions | None = None,
-        remedies: RemedyOverrides | None = None,
+        **remedies: Unpack[RemedyOverrides],
     ) -> None:
         if engine not in ENGINES:
             raise ConfigError(f"unknown engine {engine!r}: expected one of {', '.join(ENGINES)}")

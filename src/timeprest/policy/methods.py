@@ -144,7 +144,7 @@ class RemedyOverrides(TypedDict, total=False):
     dc_lambda: float | None
     gap_beta: float | None
     gap_eps: float | None
-    warmup: int | None
+    pipemare_warmup: int | None
 
 
 class Overrides(RemedyOverrides, total=False):
@@ -161,7 +161,7 @@ class Overrides(RemedyOverrides, total=False):
 def _remedies(p: Policy, o: RemedyOverrides) -> Policy:
     """The remedy parts of ``p`` (docs/design.md section 12) with the overrides applied."""
     vel, cor, lr = p.velocity, p.correction, p.lr_rule
-    gamma, warmup = o.get("gamma"), o.get("warmup")
+    gamma, warmup = o.get("gamma"), o.get("pipemare_warmup")
     kind = o.get("correction") or cor.kind
 
     def num(name: str) -> float:

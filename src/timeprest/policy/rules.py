@@ -169,7 +169,7 @@ class Policy:
             "gap_beta": cor.gap_beta,
             "gap_eps": cor.gap_eps,
             "lr_rule": lr.kind,
-            "warmup": lr.warmup,
+            "pipemare_warmup": lr.warmup,
         }
 
 
