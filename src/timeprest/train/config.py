@@ -22,7 +22,7 @@ from timeprest.policy.rules import BACKWARD_RULES, FORWARD_RULES, GRAD_RULES, SI
 from timeprest.schedule import SCHEDULE_KINDS
 from timeprest.schedule.costs import COST_MODES
 
-OPTIMIZERS = ("sgd", "adam", "adamw")
+OPTIMIZERS = ("sgd", "adam", "adamw", "nadam")
 LR_SCHEDULES = ("constant", "cosine")
 DEVICES = ("cpu", "cuda")
 ENGINES = ("emulate", "distributed")
@@ -152,7 +152,9 @@ class TrainConfig:
         "optimisation",
         choices=OPTIMIZERS,
     )
-    momentum: float = option(0.9, "SGD momentum (ignored by adam/adamw)", "optimisation")
+    momentum: float = option(
+        0.9, "SGD momentum; nadam's beta1 (ignored by adam/adamw)", "optimisation"
+    )
     weight_decay: float = option(0.0, "weight decay", "optimisation")
     warmup_epochs: float = option(
         0.0, "linear learning-rate warm-up, in epochs (fractions allowed)", "optimisation"

@@ -65,6 +65,14 @@ def make_optimizer(cfg: TrainConfig) -> Callable[[list[nn.Parameter]], torch.opt
             )
         if cfg.optimizer == "adam":
             return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        if cfg.optimizer == "nadam":  # with pipedream: the Nesterov method (docs/design.md 12)
+            return torch.optim.NAdam(
+                params,
+                lr=cfg.lr,
+                betas=(cfg.momentum, 0.999),
+                weight_decay=cfg.weight_decay,
+                decoupled_weight_decay=True,
+            )
         return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
     return build
