@@ -16,7 +16,14 @@ import torch
 from torch import nn
 
 import timeprest
-from helpers import flat, regression_batches, tanh_mlp_stages
+from helpers import (
+    SMALL_RUN,
+    assert_one_line_error,
+    flat,
+    regression_batches,
+    run_cli,
+    tanh_mlp_stages,
+)
 from test_pipeline import program_versions
 from timeprest.errors import ConfigError, MultipleSequenceWarning
 from timeprest.policy import METHODS, plan_versions, resolve_policy
@@ -549,3 +556,42 @@ def test_benchmark_script_runs_every_method_it_is_given(tmp_path: Path, capsys):
     # i-timeprest-velocity: one version per stage and one buffer
     assert rows[2].split("|")[4].strip() == "1 / 1" and rows[2].split("|")[5].strip() == "1"
     assert "0 of 2" in rows[0]
+
+
+def test_train_flags_set_the_remedies(tmp_path: Path):
+    run = tmp_path / "run"
+    rc, _, err = run_cli(
+        "train", *SMALL_RUN, "--epochs", "1", "--method", "gap-aware", "--gap-beta", "0.9",
+        "--optimizer", "sgd", "--lr", "0.05", "--run-dir", str(run),
+    )  # fmt: skip
+    assert rc == 0, err
+    import json
+
+    config = json.loads((run / "config.json").read_text())
+    assert (config["method"], config["gap_beta"], config["correction"]) == ("gap-aware", 0.9, None)
+    rc, _, err = run_cli("train", *SMALL_RUN, "--method", "pipemare", "--correction", "bogus")
+    assert_one_line_error(rc, err, "train", "unknown --correction 'bogus'")
+
+
+def test_the_nesterov_method_is_pipedream_with_nadam():
+    # the official code of Ajanthan et al.: weight stashing and NAdam at beta1 = 0.99
+    from timeprest.train import TrainConfig
+    from timeprest.train.loop import make_optimizer
+
+    cfg = TrainConfig(method="pipedream", optimizer="nadam", momentum=0.99, lr=1e-3)
+    opt = make_optimizer(cfg)(list(nn.Linear(2, 2).parameters()))
+    assert isinstance(opt, torch.optim.NAdam)
+    group = opt.param_groups[0]
+    assert group["betas"] == (0.99, 0.999) and group["decoupled_weight_decay"]
+    assert group["momentum_decay"] == 0.004
+    losses = make_pipe(tanh_mlp_stages(3), "pipedream", 1, "sgd").train(regression_batches())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", MultipleSequenceWarning)
+        pipe = timeprest.Pipeline(
+            tanh_mlp_stages(3),
+            method=cfg.method,
+            optimizer=make_optimizer(cfg),
+            loss_fn=nn.functional.mse_loss,
+        )
+    nadam = pipe.train(regression_batches())
+    assert all(math.isfinite(v) for v in nadam) and nadam != losses

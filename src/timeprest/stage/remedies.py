@@ -122,19 +122,16 @@ class StageRemedies:
             return weights, 0
         assert self.optimizer is not None
         out: list[Tensor] = []
-        changed = False
         for i, w in enumerate(weights):
             group = self._group[i]
             grad = self.last_grads[i] if self.last_grads is not None else None
             with torch.no_grad():
                 u = step_direction(self.optimizer, self.params[i], group, grad)
                 offset = None if u is None else u * (-d * float(group["lr"]))
-            if offset is None:
-                out.append(w)
-            else:
-                out.append(w + offset)
-                changed = True
-        return (out, tensor_bytes(out)) if changed else (weights, 0)
+            # no direction yet (before the first update): the same values, in the
+            # tensor the version plan counts for every forward with d > 0
+            out.append(w + 0.0 if offset is None else w + offset)
+        return out, tensor_bytes(out)
 
     # -- backward weights: the velocity rules -------------------------------------------
     def velocity_weights(self, latest: list[Tensor], d: int) -> tuple[list[Tensor], int]:
