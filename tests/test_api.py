@@ -52,3 +52,21 @@ def test_split_is_the_function_after_every_import() -> None:
         assert torch.equal(out, model(x))
     assert timeprest.split is importlib.import_module("timeprest.splitting").split
     assert timeprest.plan_split(model, 2).layer_counts == (2, 3)
+
+
+def test_the_readme_python_example_runs(tmp_path: Path, monkeypatch) -> None:
+    """The README's Python API block, executed as written (in a scratch directory)."""
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    section = readme.split("## Python API", 1)[1]
+    code = section.split("```python", 1)[1].split("```", 1)[0]
+    monkeypatch.chdir(tmp_path)
+    scope: dict = {}
+    exec(compile(code, "README.md", "exec"), scope)
+    assert len(scope["losses"]) == 10
+    fresh = eval(README_MODEL, {"nn": nn})
+    fresh.load_state_dict(torch.load(tmp_path / "model.pt"), strict=True)
+    x = torch.randn(3, 8)
+    out = x
+    for stage in scope["pipe"].stages:
+        out = stage(out)
+    assert torch.equal(fresh(x), out)

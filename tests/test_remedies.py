@@ -510,6 +510,13 @@ def test_prediction_names_the_supported_optimizers():
         )
 
 
+def test_dc_with_replicas_is_refused_for_now():
+    # gap-aware divides g by a factor that does not depend on g: it commutes with the
+    # replicas' weighted sum (tests/test_replicas.py); dc's g * g does not
+    with pytest.raises(ConfigError, match="dc gradient correction is not supported with data_par"):
+        make_pipe(tanh_mlp_stages(2), "dc-asgd", 1, data_parallel=2)
+
+
 def test_bad_remedy_settings_are_config_errors():
     with pytest.raises(ConfigError, match="gradient correction"):
         Correction("bogus")  # type: ignore[arg-type]
@@ -595,3 +602,26 @@ def test_the_nesterov_method_is_pipedream_with_nadam():
         )
     nadam = pipe.train(regression_batches())
     assert all(math.isfinite(v) for v in nadam) and nadam != losses
+
+
+def test_bf16_casts_of_predicted_weights_are_swapped_for_the_backward_weights():
+    from timeprest.stage.weights import Saved, weight_tokens
+
+    torch.manual_seed(0)
+    x = torch.randn(3, 4, requires_grad=True)
+    w_fwd, w_bwd, offset = torch.randn(5, 4), torch.randn(5, 4), torch.randn(5, 4)
+    grad_out = torch.randn(3, 5)
+    leaf = w_fwd.clone().requires_grad_()
+    predicted = leaf + offset  # what a predicted forward reads
+    saved = Saved(x, None, [leaf], 0, 0)
+    with torch.autograd.graph.saved_tensors_hooks(
+        *weight_tokens(saved, nn.Identity(), [predicted])
+    ):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = nn.functional.linear(x, predicted)
+    assert saved.activation_bytes == x.numel() * 2  # the input's bf16 cast; no weight's
+    saved.backward_weights = [w_bwd]
+    dx, dw = torch.autograd.grad(out, [x, leaf], grad_outputs=grad_out.bfloat16())
+    bf = torch.bfloat16
+    assert torch.equal(dx, (grad_out.to(bf) @ w_bwd.to(bf)).float())
+    assert torch.equal(dw, (grad_out.to(bf).T @ x.to(bf)).float())

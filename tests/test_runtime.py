@@ -26,13 +26,9 @@ from helpers import init_group, spawn
 from timeprest.engine.runtime import (
     RuntimeOptions,
     StageFailure,
-    microbatch_rows,
-    plan_messages,
-    stage_events,
 )
 from timeprest.engine.runtime import group as runtime_module
 from timeprest.errors import ConfigError, DataError, TimeprestError
-from timeprest.schedule import build_schedule
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 # (name, Pipeline keyword arguments): every method, plus recompute with dropout replay
@@ -314,30 +310,6 @@ def test_failures_stop_every_rank_with_one_message(tmp_path: Path) -> None:
 
 
 # -- pure parts -------------------------------------------------------------------------
-
-
-def test_microbatch_rows_match_tensor_split() -> None:
-    for rows in range(1, 20):
-        for n in range(1, rows + 1):
-            want = [len(c) for c in torch.tensor_split(torch.zeros(rows), n)]
-            assert microbatch_rows(rows, n) == want
-
-
-@pytest.mark.parametrize("kind", ["gpipe", "1f1b", "nf1b", "2bw"])
-def test_message_plans_pair_up(kind: str) -> None:
-    """What stage s sends is what s+1 receives, in the same order; every send is released."""
-    w, n, t = 4, 4, 5
-    sched = build_schedule(kind, w, n, t)
-    plans = [plan_messages(sched, s) for s in range(w)]
-    for s in range(w - 1):
-        assert plans[s].send["act"] == plans[s + 1].recv["act"]
-        assert plans[s + 1].send["grad"] == plans[s].recv["grad"]
-        assert len(plans[s].send["act"]) == n * t
-    for s in range(w):
-        released = [k for keys in plans[s].release.values() for k in keys]
-        assert len(released) == len(set(released))
-        events = stage_events(sched, s)
-        assert sum(1 for e in events if e[0] == "send") >= len(released)
 
 
 def test_distributed_engine_needs_a_job(monkeypatch: pytest.MonkeyPatch) -> None:

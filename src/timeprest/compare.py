@@ -264,14 +264,14 @@ def _measure_split(cfg: TrainConfig) -> list[int]:
     """
     import torch
 
-    from timeprest.data import load_dataset
+    from timeprest.tasks import task_for
     from timeprest.train.loop import seeded_model, split_plan
 
     if cfg.threads is not None:
         torch.set_num_threads(cfg.threads)
-    data = load_dataset(cfg.dataset, cfg.data_dir, image_size=cfg.image_size, seed=cfg.seed)
-    model = seeded_model(cfg, data, cfg.device)
-    plan = split_plan(cfg, model, data.train, "time", cfg.microbatches or cfg.stages, cfg.device)
+    train, _, info = task_for(cfg).load()
+    model = seeded_model(cfg, info, cfg.device)
+    plan = split_plan(cfg, model, train, "time", cfg.microbatches or cfg.stages, cfg.device)
     return list(plan.layer_counts)
 
 
@@ -312,6 +312,11 @@ def result_row(o: Outcome, target: float | None) -> dict[str, Any]:
         # every epoch has the same number of mini-batches: the mean of means is the mean
         mean_staleness=[sum(e.mean_staleness[s] for e in eps) / len(eps) for s in stages],
         mean_epoch_time=sum(e.epoch_time for e in eps) / len(eps),
+        final_val_loss=eps[-1].test_loss,
+        final_bits_per_byte=eps[-1].test_bits_per_byte,
+        best_bits_per_byte=min(
+            (e.test_bits_per_byte for e in eps if e.test_bits_per_byte is not None), default=None
+        ),
     )
     return row
 
@@ -325,6 +330,9 @@ _FIGURES = (
     "peak_weight_bytes",
     "mean_staleness",
     "mean_epoch_time",
+    "final_val_loss",
+    "final_bits_per_byte",
+    "best_bits_per_byte",
 )
 
 
@@ -351,7 +359,10 @@ def results_markdown(
         f"seed {base.seed}, engine {base.engine} on {base.device}.",
         "",
     ]
+    lm = any(e.test_bits_per_byte is not None for o in outcomes for e in o.epochs)
     header = ["method", "N", "final acc", "best acc (epoch)"]
+    if lm:  # a language model: the held-out figures are bits per byte
+        header = ["method", "N", "final val bits/byte", "best val bits/byte"]
     if target is not None:
         header.append(f"epochs to {target * 100:g}%")
     header += [
@@ -370,10 +381,15 @@ def results_markdown(
         if r["epochs"] == 0:
             cells += ["diverged"] + ["–"] * (len(header) - 4)
         else:
-            final = f"{r['final_test_accuracy'] * 100:.2f}%"
+            if lm:
+                final = f"{r['final_bits_per_byte']:.4f}"
+                best = f"{r['best_bits_per_byte']:.4f}"
+            else:
+                final = f"{r['final_test_accuracy'] * 100:.2f}%"
+                best = f"{r['best_test_accuracy'] * 100:.2f}% ({r['best_epoch']})"
             if o.failure is not None:
                 final = f"diverged after epoch {r['epochs']}: {final}"
-            cells += [final, f"{r['best_test_accuracy'] * 100:.2f}% ({r['best_epoch']})"]
+            cells += [final, best]
             if target is not None:
                 e = r["epochs_to_target"]
                 cells.append("not reached" if e is None else str(e))

@@ -20,7 +20,8 @@ programs over the stage runners.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sized
+import copy
+from collections.abc import Callable, Iterable, Sequence, Sized
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -42,9 +43,12 @@ from timeprest.schedule.builders import schedule_from_programs as _from_programs
 from timeprest.schedule.costs import CostSpec, resolve_costs
 from timeprest.schedule.lower import Lowered, lower
 from timeprest.stage import LossFn, Minibatch, OptimizerFactory, StageRunner
+from timeprest.stage.replicas import replica_seed
+from timeprest.stage.sync import Tied, attach_update_rules
 
 if TYPE_CHECKING:
     from timeprest.engine.runtime import RuntimeOptions
+    from timeprest.engine.runtime.layout import Layout
 
 ENGINES = ("emulate", "distributed")
 
@@ -96,12 +100,23 @@ class Pipeline:
     (``default``, ``paper`` or per-stage :class:`~timeprest.schedule.Costs`) orders the
     asynchronous schedules. ``lr_lambda(minibatch)`` scales each optimizer's initial
     learning rate at the update of that (global) mini-batch, like ``LambdaLR`` per step.
+    ``precision`` (``fp32``, ``bf16``), ``clip_grad_norm`` with ``clip_scope`` (``stage``,
+    or ``global`` for flush schedules) and ``tied`` (tensors several stages hold a copy of,
+    as (stage, parameter name) places) are docs/design.md section 11's.
 
     ``stages`` is a list of modules or a callable ``stage_fn(stage) -> nn.Module``
     (then give ``num_stages``, except with the distributed engine). With
     ``engine="distributed"`` each process of a torchrun job runs one stage (rank r
     runs stage r) and builds only its own: the other list slots may be None, and
     ``runtime`` sets timeouts and threads (see :mod:`timeprest.engine.runtime`).
+
+    ``data_parallel=D`` trains D replicas of the pipeline, each on part r of
+    ``torch.tensor_split(batch, D)``, combining their gradients before every update
+    (docs/design.md section 10). The emulator runs them all here: the stages given are
+    replica 0, the others deep copies. The distributed engine needs ``D x W``
+    processes, rank ``replica * W + stage``, or the layout of ``device_mesh`` (a 2-D
+    ``DeviceMesh`` with dimensions ``("dp", "pp")``). Losses are the whole
+    mini-batch's; ``runners``, the report and checkpoints are replica 0's.
     """
 
     def __init__(
@@ -124,17 +139,32 @@ class Pipeline:
         lr_lambda: Callable[[int], float] | None = None,
         num_stages: int | None = None,
         runtime: RuntimeOptions | None = None,
+        precision: str = "fp32",
+        clip_grad_norm: float | None = None,
+        clip_scope: str = "stage",
+        tied: Sequence[Tied] = (),
+        data_parallel: int = 1,
+        device_mesh: Any = None,
         **remedies: Unpack[RemedyOverrides],
     ) -> None:
+        if isinstance(data_parallel, bool) or not isinstance(data_parallel, int):
+            raise ConfigError(f"data_parallel must be an integer >= 1, got {data_parallel!r}")
+        if data_parallel < 1:
+            raise ConfigError(f"data_parallel must be an integer >= 1, got {data_parallel!r}")
+        if device_mesh is not None and engine != "distributed":
+            raise ConfigError("device_mesh is for engine='distributed'")
         if engine not in ENGINES:
             raise ConfigError(f"unknown engine {engine!r}: expected one of {', '.join(ENGINES)}")
         self._engine: Engine
         if engine == "distributed":
             from timeprest.engine.runtime import DistributedRuntime
 
-            self._engine = DistributedRuntime(runtime)
+            self._engine = DistributedRuntime(runtime, data_parallel, device_mesh)
+            self._layout: Layout | None = self._engine.layout
+            data_parallel = self._engine.layout.num_replicas
         else:
             self._engine = Emulator()
+            self._layout = None
         stage_list = self._engine.build_stages(stages, num_stages)
         if optimizer is None:
             raise ConfigError(
@@ -184,20 +214,48 @@ class Pipeline:
         self.seed = seed
         self.engine = engine
         self.loss_fn = loss_fn
+        self.data_parallel = data_parallel
 
-        def runner(s: int, m: nn.Module) -> StageRunner:
+        def runner(s: int, m: nn.Module, replica: int = 0) -> StageRunner:
             last = s == w - 1
             return StageRunner(
                 s, m, w, n, self.policy, optimizer, loss_fn if last else None,
-                seed=seed, lr_lambda=lr_lambda,
+                seed=replica_seed(seed, replica), lr_lambda=lr_lambda,
             )  # fmt: skip
 
         # the stages this process runs: all of them, or its own (distributed)
         local = [(s, m) for s, m in enumerate(stage_list) if m is not None]
+        # data parallel, emulated: replicas 1..D-1 start as copies of the stages given
+        self._replicas: list[list[StageRunner]] = []
         if engine == "emulate":
             self.runners = [runner(s, m) for s, m in local]
+            self._replicas = [
+                [runner(s, copy.deepcopy(m), r) for s, m in local] for r in range(1, data_parallel)
+            ]
         else:
-            self.runners = [self._engine.agreed("building the stage", lambda: runner(*local[0]))]
+            assert self._layout is not None
+            replica = self._layout.replica
+            self.runners = [
+                self._engine.agreed("building the stage", lambda: runner(*local[0], replica))
+            ]
+        if data_parallel > 1 and self.policy.correction.kind == "dc":
+            # g * g of each replica's part is not that of the whole mini-batch (docs/design.md 12)
+            raise ConfigError(
+                "the dc gradient correction is not supported with data_parallel > 1 yet: "
+                "its g * g term needs the replicas' combined gradient"
+            )
+        if data_parallel > 1 and (tied or clip_scope == "global"):
+            # the group would meet the other stage's gradients before their replicas' sum
+            raise ConfigError(
+                "tied tensors and --clip-scope global are not supported with data_parallel > 1 "
+                "yet: use data_parallel=1, or per-stage clipping without tied tensors"
+            )
+        # docs/design.md section 11: autocast, clipping, tied tensors' gradients summed
+        for replica_runners in (self.runners, *self._replicas):
+            attach_update_rules(
+                replica_runners, precision=precision, clip_grad_norm=clip_grad_norm,
+                clip_scope=clip_scope, tied=tied, schedule=self.schedule_kind, engine=engine,
+            )  # fmt: skip
         self.report = Report(stages=[StageReport(s) for s in range(w)])
         for r in self.runners:
             self.report.stages[r.index] = r.report()
@@ -268,6 +326,7 @@ class Pipeline:
                 "minibatches_done": self.minibatches_done,
             },
             on_loss=on_loss,
+            replicas=self._replicas,
         )
         outcome = self._engine.run(job)
         base = self.minibatches_done
@@ -291,7 +350,13 @@ class Pipeline:
             raise ConfigError(
                 f"mini-batch {t}: input has {x.shape[0]} rows but target has {y.shape[0]}"
             )
-        if x.shape[0] < self.num_microbatches:
+        if x.shape[0] < self.num_microbatches * self.data_parallel:
+            if self.data_parallel > 1:
+                raise ConfigError(
+                    f"mini-batch {t} has {x.shape[0]} rows, fewer than the "
+                    f"{self.data_parallel} replicas x {self.num_microbatches} micro-batches: "
+                    "lower data_parallel or num_microbatches, or raise the batch size"
+                )
             raise ConfigError(
                 f"mini-batch {t} has {x.shape[0]} rows, fewer than the "
                 f"{self.num_microbatches} micro-batches: lower num_microbatches or "
@@ -319,7 +384,9 @@ class Pipeline:
     def _checkpoint_config(self) -> dict[str, Any]:
         """What a checkpoint must agree on with the pipeline that loads it (not the engine)."""
         c = self.costs
-        config = {k: v for k, v in self.describe().items() if k != "engine"}
+        # a checkpoint holds one copy per stage: it resumes with any engine and any D
+        skip = ("engine", "data_parallel")
+        config = {k: v for k, v in self.describe().items() if k not in skip}
         config["costs_values"] = [list(c.forward), list(c.backward), list(c.update), list(c.comm)]
         return config
 
@@ -332,8 +399,9 @@ class Pipeline:
         format; with the distributed engine call it on every rank (each writes
         its own stage).
         """
+        # one copy per stage: replica 0's (the other replicas hold the same state)
         return save_checkpoint(
-            self.runners,
+            self.runners if self._engine_replica() == 0 else [],
             self.minibatches_done,
             self._checkpoint_config(),
             self.num_stages,
@@ -343,13 +411,14 @@ class Pipeline:
 
     def load_checkpoint(self, directory: str | Path) -> None:
         """Restore what :meth:`save_checkpoint` wrote; training then resumes bitwise."""
-        self.minibatches_done = load_checkpoint(
-            self.runners,
-            self._checkpoint_config(),
-            self.num_stages,
-            directory,
-            agreed=self._engine.agreed,
-        )
+        for runners in [self.runners, *self._replicas]:  # every replica loads the same state
+            self.minibatches_done = load_checkpoint(
+                runners,
+                self._checkpoint_config(),
+                self.num_stages,
+                directory,
+                agreed=self._engine.agreed,
+            )
         for r in self.runners:
             self.report.stages[r.index] = r.report()
 
@@ -370,4 +439,9 @@ class Pipeline:
             "costs": self.costs.name,
             "seed": self.seed,
             "engine": self.engine,
+            "data_parallel": self.data_parallel,
         }
+
+    def _engine_replica(self) -> int:
+        """The replica this process's runners belong to (0 in the emulator)."""
+        return 0 if self._layout is None else self._layout.replica

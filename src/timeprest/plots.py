@@ -6,6 +6,7 @@ and writes four PNG files, one line or bar group per run:
 
 ================  ==============================================================
 ``accuracy.png``  test accuracy against epochs and against wall time
+                  (``bits_per_byte.png`` instead, validation bits per byte, for language models)
 ``loss.png``      train loss against epochs and against wall time
 ``memory.png``    weight versions held and peak weight bytes, per stage
 ``staleness.png`` mean degree of staleness and relative weight distance, per stage
@@ -155,12 +156,16 @@ def plot_runs(
     out.mkdir(parents=True, exist_ok=True)
     subtitle = _common_settings(runs)
     written = []
-    for name, draw in (
+    figures = [
         ("accuracy.png", _draw_accuracy),
         ("loss.png", _draw_loss),
         ("memory.png", _draw_memory),
         ("staleness.png", _draw_staleness),
-    ):
+    ]
+    if all(e.test_bits_per_byte is not None for run in runs for e in run.epochs):
+        # language models: validation bits per byte instead of a classification accuracy
+        figures[0] = ("bits_per_byte.png", _draw_bits_per_byte)
+    for name, draw in figures:
         fig = figure_cls(figsize=(11, 4.2), layout="constrained")
         draw(fig, runs)
         if subtitle:
@@ -236,6 +241,10 @@ def _curves(
 
 def _draw_accuracy(fig: Figure, runs: list[RunData]) -> None:
     _curves(fig, runs, "test_accuracy", "test accuracy (%)", 100.0)
+
+
+def _draw_bits_per_byte(fig: Figure, runs: list[RunData]) -> None:
+    _curves(fig, runs, "test_bits_per_byte", "validation bits per byte", 1.0, log_if_wide=True)
 
 
 def _draw_loss(fig: Figure, runs: list[RunData]) -> None:

@@ -54,6 +54,21 @@ def _help(name: str) -> str:
     return text
 
 
+class _JoinValues(argparse.Action):
+    """A repeatable flag whose values are joined with commas (``--model-opt a=1 --model-opt b=2``)."""
+
+    def __call__(
+        self,
+        parser: argparse.ArgumentParser,
+        namespace: argparse.Namespace,
+        values: Any,
+        option_string: str | None = None,
+    ) -> None:
+        old = getattr(namespace, self.dest, None)
+        joined = str(values) if not isinstance(old, str) else f"{old},{values}"
+        setattr(namespace, self.dest, joined)
+
+
 def add_field_flags(
     parser: argparse.ArgumentParser | argparse._ArgumentGroup,
     names: Iterable[str],
@@ -74,6 +89,8 @@ def add_field_flags(
         kind = _kind(name)
         if kind is not None:
             kwargs["type"] = kind
+        if _FIELDS[name].metadata.get("repeat"):
+            kwargs["action"] = _JoinValues
         parser.add_argument("--" + name.replace("_", "-"), **kwargs)
 
 

@@ -6,6 +6,8 @@ Examples::
     timeprest simulate --method pipedream --stages 4 --cost-file costs.json --format json
     timeprest simulate --method i-timeprest --stages 4 --microbatches 4 --minibatches 6 \\
         --weight-bytes 4194304 --activation-bytes 1048576 --png gantt.png --trace trace.json
+    timeprest simulate --stages 2 --data-parallel 2 --weight-bytes 4194304 \\
+        --dp-bandwidth 1e9 --dp-latency 2e-5
 """
 
 from __future__ import annotations
@@ -15,9 +17,10 @@ import json
 import sys
 import warnings
 
-from timeprest.cli.common import add_pipeline_flags, resolve_args
+from timeprest.cli.common import add_field_flags, add_pipeline_flags, resolve_args
 from timeprest.errors import ConfigError
 from timeprest.sim.costmodel import uniform_or_file
+from timeprest.sim.replicas import format_data_parallel, with_data_parallel
 from timeprest.sim.simulate import ORDER_COSTS, format_text, simulate
 from timeprest.sim.trace import write_chrome_trace
 
@@ -100,6 +103,22 @@ def register(sub: argparse._SubParsersAction) -> None:
         choices=ORDER_COSTS,
         help="costs that order the list-rule schedules (default: the simulated ones)",
     )
+    dp = p.add_argument_group("data parallel (docs/design.md section 10)")
+    add_field_flags(dp, ["data_parallel"], suppress=False)
+    dp.add_argument(
+        "--dp-bandwidth",
+        type=float,
+        default=None,
+        metavar="BYTES/S",
+        help="all-reduce link bandwidth (default: the cost file's link, else infinite)",
+    )
+    dp.add_argument(
+        "--dp-latency",
+        type=float,
+        default=None,
+        metavar="S",
+        help="all-reduce latency per ring step (default: the cost file's link, else 0)",
+    )
     p.add_argument("--format", default="text", choices=("text", "json"))
     p.add_argument(
         "--trace",
@@ -159,6 +178,9 @@ def run(args: argparse.Namespace) -> int:
         saved_activation_bytes=int(v["activation_bytes"]),
         output_bytes=int(v["message_bytes"]),
     )
+    cost_model, dp = with_data_parallel(
+        cost_model, args.data_parallel, bandwidth=args.dp_bandwidth, latency=args.dp_latency
+    )
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         result = simulate(
@@ -183,9 +205,19 @@ def run(args: argparse.Namespace) -> int:
         except OSError as exc:
             raise ConfigError(f"cannot write {args.trace!r}: {exc.strerror}") from None
     if args.format == "json":
-        print(json.dumps(result.to_json()))
+        out = result.to_json()
+        out["data_parallel"] = {
+            "replicas": dp.replicas,
+            "bandwidth": dp.bandwidth,
+            "latency": dp.latency,
+            "allreduce_time": list(dp.reduce_times),
+            "throughput": dp.throughput(result),
+        }
+        print(json.dumps(out))
     else:
         print(format_text(result))
+        if dp.replicas > 1:
+            print(format_data_parallel(result, dp))
         for what, path in (("Gantt chart", args.png), ("Chrome trace", args.trace)):
             if path:
                 print(f"{what}: {path}")

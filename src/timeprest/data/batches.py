@@ -77,7 +77,40 @@ def subset(dataset: Dataset, limit: int, *, seed: int, part: str) -> Dataset:
     return Dataset(dataset.x[rows], dataset.y[rows])
 
 
-class Batches(Sequence[tuple[Tensor, Tensor]]):
+class IndexedBatches(Sequence[tuple[Tensor, Tensor]]):
+    """Mini-batches built when indexed: subclasses set ``_len`` and define ``_batch(i)``."""
+
+    _len: int
+
+    def _batch(self, i: int) -> tuple[Tensor, Tensor]:
+        raise NotImplementedError
+
+    def __len__(self) -> int:
+        return self._len
+
+    @overload
+    def __getitem__(self, i: int) -> tuple[Tensor, Tensor]: ...
+
+    @overload
+    def __getitem__(self, i: slice) -> Sequence[tuple[Tensor, Tensor]]: ...
+
+    def __getitem__(
+        self, i: int | slice
+    ) -> tuple[Tensor, Tensor] | Sequence[tuple[Tensor, Tensor]]:
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(self._len))]
+        if i < 0:
+            i += self._len
+        if not 0 <= i < self._len:
+            raise IndexError(f"batch {i} out of range for {self._len} batches")
+        return self._batch(i)
+
+    def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
+        for i in range(self._len):
+            yield self[i]
+
+
+class Batches(IndexedBatches):
     """The mini-batches of one epoch, built on demand; ``len()`` and indexing work."""
 
     def __init__(
@@ -111,24 +144,7 @@ class Batches(Sequence[tuple[Tensor, Tensor]]):
             self.order = None
         self._len = num_batches(n, batch_size, drop_last=drop_last)
 
-    def __len__(self) -> int:
-        return self._len
-
-    @overload
-    def __getitem__(self, i: int) -> tuple[Tensor, Tensor]: ...
-
-    @overload
-    def __getitem__(self, i: slice) -> Sequence[tuple[Tensor, Tensor]]: ...
-
-    def __getitem__(
-        self, i: int | slice
-    ) -> tuple[Tensor, Tensor] | Sequence[tuple[Tensor, Tensor]]:
-        if isinstance(i, slice):
-            return [self[j] for j in range(*i.indices(self._len))]
-        if i < 0:
-            i += self._len
-        if not 0 <= i < self._len:
-            raise IndexError(f"batch {i} out of range for {self._len} batches")
+    def _batch(self, i: int) -> tuple[Tensor, Tensor]:
         lo, hi = i * self.batch_size, min((i + 1) * self.batch_size, len(self.dataset))
         if self.order is None:
             x, y = self.dataset.x[lo:hi], self.dataset.y[lo:hi]
@@ -139,10 +155,6 @@ class Batches(Sequence[tuple[Tensor, Tensor]]):
             g = torch.Generator().manual_seed(derive_seed("augment", self.seed, self.epoch, i))
             x = augment_batch(x, g)
         return x, y
-
-    def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
-        for i in range(self._len):
-            yield self[i]
 
 
 def make_batches(

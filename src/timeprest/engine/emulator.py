@@ -45,6 +45,8 @@ class CheckingMailbox:
         return (m.src, m.dst, m.kind)
 
     def ready(self, op: Op) -> bool:
+        if op.op != "recv":
+            return True
         assert op.message is not None
         return bool(self.channels.get(self._channel(op.message)))
 
@@ -150,6 +152,10 @@ class Emulator:
         return fn()
 
     def run(self, job: Job) -> Outcome:
+        if job.replicas:  # data parallel: docs/design.md section 10
+            from timeprest.engine.replicas import run_replicas
+
+            return run_replicas(job, CheckingMailbox)
         batches = job.batches
         count = job.num_minibatches
         if count is None:

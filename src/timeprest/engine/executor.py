@@ -22,7 +22,9 @@ class Transport(Protocol):
     """Moves the messages of lowered programs between stages."""
 
     def ready(self, op: Op) -> bool:
-        """Whether the receive ``op`` can complete now (a blocking transport says True)."""
+        """Whether ``op`` can run now: a receive, whether its message has arrived (a blocking
+        transport says True); another op, whether it may start (data-parallel copies of a
+        stage start an update together in the emulator)."""
         ...
 
     def recv(self, op: Op) -> Tensor: ...
@@ -61,7 +63,10 @@ class StageExecutor:
         r, tr = self.runner, self.transport
         while self.pos < len(self.ops):
             op = self.ops[self.pos]
-            if op.op == "recv" and not tr.ready(op):
+            if not tr.ready(op):
+                break
+            # an update that must first meet other stages' gradients (docs/design.md section 11)
+            if op.op == "run" and op.action.kind == "U" and not r.update_ready(op.action.minibatch):
                 break
             if op.first:
                 r.begin_action(op.index, op.action)

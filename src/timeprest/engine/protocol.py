@@ -42,6 +42,9 @@ class Job:
     base_minibatch: int  # mini-batches trained before this call
     config: dict[str, Any]  # what every process must agree on
     on_loss: Callable[[int, float], None] | None = None
+    # data parallel (docs/design.md section 10): the runners of replicas 1..D-1 in the
+    # emulator (``runners`` is replica 0); empty with one replica or in the runtime
+    replicas: Sequence[Sequence[StageRunner]] = ()
 
 
 @dataclass

@@ -411,7 +411,7 @@ def format_text(result: SimResult) -> str:
         )
     if all(s.peak_memory_bytes == 0 for s in r.stages):
         lines.append(
-            "(no memory sizes given: use --costs FILE from `timeprest profile`, or "
+            "(no memory sizes given: use --cost-file FILE from `timeprest profile`, or "
             "--weight-bytes/--activation-bytes)"
         )
     return "\n".join(lines)

@@ -203,6 +203,13 @@ def plan_split(
 
 def apply_plan(model: nn.Module, plan: SplitPlan) -> list[nn.Module]:
     """The stages of ``plan``: one ``nn.Sequential`` per stage, sharing the model's modules."""
+    stages = stage_modules(model, plan)
+    _check_no_shared_tensors(stages)
+    return stages
+
+
+def stage_modules(model: nn.Module, plan: SplitPlan) -> list[nn.Module]:
+    """The stages of ``plan``, unchecked (a tensor may sit in two of them)."""
     layers = pipeline_layers(model)
     if sum(plan.layer_counts) != len(layers):
         raise ConfigError(
@@ -214,7 +221,6 @@ def apply_plan(model: nn.Module, plan: SplitPlan) -> list[nn.Module]:
     for count in plan.layer_counts:
         stages.append(nn.Sequential(OrderedDict(layers[start : start + count])))
         start += count
-    _check_no_shared_tensors(stages)
     return stages
 
 

@@ -28,11 +28,10 @@ from torch import Tensor, nn
 
 from timeprest.errors import ConfigError
 from timeprest.policy.rules import VELOCITY_RULES, Policy
+from timeprest.stage.replicas import Grads
 from timeprest.versions import tensor_bytes
 
 SUPPORTED_OPTIMIZERS = ("SGD", "Adam", "AdamW")
-
-Grads = list[Tensor | None]
 
 
 def check_predictable(optimizer: torch.optim.Optimizer) -> None:

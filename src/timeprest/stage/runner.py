@@ -14,7 +14,7 @@ import contextlib
 import math
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
@@ -26,7 +26,9 @@ from timeprest.policy.rules import Policy
 from timeprest.report import StageReport, StageStep
 from timeprest.schedule.actions import Action
 from timeprest.stage.io import Batches
+from timeprest.stage.precision import autocast
 from timeprest.stage.remedies import StageRemedies
+from timeprest.stage.replicas import GradCombiner, Grads
 from timeprest.stage.weights import (
     Saved,
     call_with,
@@ -36,6 +38,9 @@ from timeprest.stage.weights import (
     weight_tokens,
 )
 from timeprest.versions import VersionStore, optimizer_state_bytes, tensor_bytes
+
+if TYPE_CHECKING:
+    from timeprest.stage.sync import UpdateGroup
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
 OptimizerFactory = Callable[[list[nn.Parameter]], torch.optim.Optimizer]
@@ -101,6 +106,14 @@ class StageRunner:
         self.recv_seconds = 0.0
         self._t0 = 0.0  # start of the action being timed
         self._release_at: dict[int, list[int]] = {}  # program index -> versions read last there
+        # docs/design.md section 11, set by the Pipeline: autocast precision, per-stage
+        # gradient clipping, and the group this stage combines gradients with before U
+        self.precision = "fp32"
+        self.clip_norm: float | None = None
+        self.update_group: UpdateGroup | None = None
+        # data parallel (docs/design.md section 10): combines this copy's accumulated
+        # gradients with the other replicas' before each update; None with one replica
+        self.combine_grads: GradCombiner | None = None
 
     @property
     def is_first(self) -> bool:
@@ -109,6 +122,11 @@ class StageRunner:
     @property
     def is_last(self) -> bool:
         return self.index == self.num_stages - 1
+
+    @property
+    def accumulated_grads(self) -> Grads:
+        """The gradients accumulated since the last update (None where none arrived)."""
+        return list(self._grads)
 
     def begin(self, plan: StagePlan, base_minibatch: int) -> None:
         """Start a new schedule (the pipeline is drained: only the latest version is held)."""
@@ -185,7 +203,7 @@ class StageRunner:
         if self.policy.grad_rule == "recompute":
             weights, extra = self.remedies.predicted(weights, d)
             self.store.observe(extra)
-            with torch.no_grad(), self._rng(t, j):
+            with torch.no_grad(), self._rng(t, j), autocast(self.device, self.precision):
                 out = self._checked_call(weights, x)
                 if self.is_last:
                     loss = self._loss(out, target, t, j)
@@ -200,7 +218,11 @@ class StageRunner:
             self.store.observe(extra)
             saved = Saved(x if not self.is_first else None, None, leaves, v, 0)
             hooks = weight_tokens(saved, self.module, reads)
-            with torch.autograd.graph.saved_tensors_hooks(*hooks), self._rng(t, j):
+            with (
+                torch.autograd.graph.saved_tensors_hooks(*hooks),
+                self._rng(t, j),
+                autocast(self.device, self.precision),
+            ):
                 out = self._checked_call(reads, x)
                 if self.is_last:
                     loss = self._loss(out, target, t, j)
@@ -350,7 +372,7 @@ class StageRunner:
         x = saved.x.detach().requires_grad_(want_dx)
         leaves = [w.detach().requires_grad_() for w in weights]
         buffers = [b.detach().clone() for b in self.module.buffers()]
-        with torch.enable_grad(), self._rng(t, j):
+        with torch.enable_grad(), self._rng(t, j), autocast(self.device, self.precision):
             out = self._call(leaves, x)
             if self.is_last:
                 out = self._loss(out, saved.target, t, j) * saved.fraction
@@ -362,11 +384,21 @@ class StageRunner:
         return list(res[: len(leaves)]), (res[-1] if want_dx else None)
 
     # -- update ----------------------------------------------------------------
+    def update_ready(self, t: int) -> bool:
+        """Whether ``U{t}`` can run now: its update group (if any) has all its gradients."""
+        group = self.update_group
+        return group is None or group.ready(self.index, self.base_minibatch + t)
+
     def update(self, index: int, t: int) -> None:
         """``U{t}`` (action ``index``): one optimizer step with the accumulated gradient."""
         assert self.plan is not None
         if index in self.plan.stash_at:
             self.store.stash_latest()
+        grads = self._grads
+        if self.combine_grads is not None and self.optimizer is not None:
+            grads = self.combine_grads(t, grads)  # data parallel: the whole mini-batch's
+        if self.update_group is not None:  # tied copies summed, the global norm clipped
+            grads = self.update_group.gradients(self.index, self.base_minibatch + t, grads)
         if self.optimizer is not None:
             lr_rule = self.policy.lr_rule  # [remedies] PipeMare's per-stage learning rate
             if self.lr_lambda is not None or lr_rule.kind != "constant":
@@ -375,12 +407,14 @@ class StageRunner:
                 factor *= lr_rule.factor(self.base_minibatch + t, tau)
                 for group, base in zip(self.optimizer.param_groups, self._base_lrs):
                     group["lr"] = base * factor
-            self.remedies.before_step(self._grads)  # [remedies] the step is measured
-            for p, g in zip(self.params, self._grads):
+            for p, g in zip(self.params, grads):
                 p.grad = g
+            if self.clip_norm is not None:
+                torch.nn.utils.clip_grad_norm_(self.params, self.clip_norm)
+            self.remedies.before_step(grads)  # [remedies] the step is measured
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
-            self.remedies.after_step(self._grads)
+            self.remedies.after_step(grads)
         self._grads = [None] * len(self.params)
         self.store.advance()
         self.store.observe()

@@ -12,7 +12,10 @@ token; at the backward the token unpacks to the same view of the *backward*
 weights. So ``dW = delta^T x`` uses the saved activations and
 ``dx = delta W_b`` the backward weights, and autograd never holds the live
 parameters that the optimizer updates in place. Buffers (BatchNorm running
-statistics) are kept by reference, never versioned.
+statistics) are kept by reference, never versioned. Under autocast a saved
+weight is often the weight's lower-precision cast (another storage): it is
+recognised from its autograd node (a copy of the weight leaf) and unpacks to
+the same cast of the backward weights (docs/design.md section 11).
 """
 
 from __future__ import annotations
@@ -93,6 +96,16 @@ class Saved:
     backward_weights: list[Tensor] = field(default_factory=list)
     target: Tensor | None = None
     fraction: float = 1.0
+    casts: dict[tuple[int, torch.dtype], Tensor] = field(default_factory=dict)
+    """Backward weights cast for autocast, made once per (weight, dtype) at the backward."""
+
+
+def _cast_input(t: Tensor) -> Any:
+    """The autograd node whose output ``t`` is a dtype cast of (autocast's), else None."""
+    fn = t.grad_fn
+    if fn is None or type(fn).__name__ != "ToCopyBackward0" or not fn.next_functions:
+        return None
+    return fn.next_functions[0][0]
 
 
 def weight_tokens(
@@ -114,6 +127,9 @@ def weight_tokens(
     # not use their values. Keep a reference instead of a versioned copy,
     # or the next micro-batch's forward would trip autograd's version check.
     buffers = {b.untyped_storage().data_ptr(): b for b in module.buffers() if b.numel() > 0}
+    leaf_index = {id(w): i for i, w in enumerate(saved.leaves)}
+    # casts of predicted weights (computed from the leaves) are weight reads too
+    node_index = {id(w.grad_fn): i for i, w in enumerate(reads or ()) if w.grad_fn is not None}
     counted: set[int] = set()
 
     def pack(t: Tensor) -> Any:
@@ -124,6 +140,14 @@ def weight_tokens(
             return ("w", i, t.size(), t.stride(), t.storage_offset() - offset)
         if ptr in buffers:
             return ("b", buffers[ptr])
+        base = t if t._base is None else t._base
+        node = _cast_input(base)
+        if node is not None:
+            variable = getattr(node, "variable", None)  # a leaf's
+            k = leaf_index.get(id(variable)) if variable is not None else node_index.get(id(node))
+            if k is not None:
+                offset = t.storage_offset() - base.storage_offset()
+                return ("c", k, base.dtype, t.size(), t.stride(), offset)
         if ptr not in counted and ptr != 0:
             counted.add(ptr)
             saved.activation_bytes += t.untyped_storage().nbytes()
@@ -132,6 +156,12 @@ def weight_tokens(
     def unpack(p: Any) -> Tensor:
         if isinstance(p, tuple) and p[0] == "b":
             return p[1]
+        if isinstance(p, tuple) and p[0] == "c":
+            _, i, dtype, size, stride, off = p
+            cast = saved.casts.get((i, dtype))
+            if cast is None:
+                cast = saved.casts[(i, dtype)] = saved.backward_weights[i].to(dtype)
+            return cast.as_strided(size, stride, cast.storage_offset() + off)
         if isinstance(p, tuple):
             _, i, size, stride, off = p
             w = saved.backward_weights[i]

@@ -26,6 +26,8 @@ OPTIMIZERS = ("sgd", "adam", "adamw", "nadam")
 LR_SCHEDULES = ("constant", "cosine")
 DEVICES = ("cpu", "cuda")
 ENGINES = ("emulate", "distributed")
+PRECISIONS = ("fp32", "bf16", "fp16")
+CLIP_SCOPES = ("stage", "global")
 
 # the staleness remedies' settings (docs/design.md section 12), as policy.resolve() names them
 REMEDY_OVERRIDES = (
@@ -52,17 +54,23 @@ Group = Literal["data and model", "pipeline", "optimisation", "execution"]
 
 
 def option(
-    default: Any, help: str, group: Group, *, choices: tuple[str, ...] = (), flag: bool = True
+    default: Any,
+    help: str,
+    group: Group,
+    *,
+    choices: tuple[str, ...] = (),
+    flag: bool = True,
+    repeat: bool = False,
 ) -> Any:
     """A TrainConfig field: its default, the help its flag shows, and its allowed values.
 
     The help text is the field's documentation; ``--help`` shows it with the
     default. ``choices`` are checked by :meth:`TrainConfig.validate` (not by
-    argparse, so a bad value is one clear line naming the flag).
+    argparse, so a bad value is one clear line naming the flag). ``repeat``: the
+    flag may be given several times; the values are joined with commas.
     """
-    return field(
-        default=default, metadata={"help": help, "group": group, "choices": choices, "flag": flag}
-    )
+    meta = {"help": help, "group": group, "choices": choices, "flag": flag, "repeat": repeat}
+    return field(default=default, metadata=meta)
 
 
 @dataclass
@@ -71,7 +79,8 @@ class TrainConfig:
 
     dataset: str = option(
         "fashion-mnist",
-        "fashion-mnist, mnist, cifar10, cifar100, imagefolder:PATH or synthetic[:options]",
+        "fashion-mnist, mnist, cifar10, cifar100, imagefolder:PATH, synthetic[:options], "
+        "or byte-level text for --model gpt: shakespeare or text:PATH",
         "data and model",
     )
     data_dir: str | None = option(
@@ -89,7 +98,14 @@ class TrainConfig:
     test_limit: int | None = option(
         None, "test on N test rows drawn at random from --seed", "data and model"
     )
-    model: str = option("cnn", "mlp, cnn, resnet18, vgg16, resnet50", "data and model")
+    model: str = option("cnn", "mlp, cnn, resnet18, vgg16, resnet50, gpt", "data and model")
+    model_opt: str | None = option(
+        None,
+        "a model setting KEY=VALUE (repeatable; gpt: vocab_size, block_size, n_layer, n_head, "
+        "n_embd, dropout, tie_embeddings)",
+        "data and model",
+        repeat=True,
+    )
     augment: bool | None = option(
         None, "random crop + flip (default: on for CIFAR-like data)", "data and model"
     )
@@ -165,6 +181,23 @@ class TrainConfig:
         "optimisation",
         choices=LR_SCHEDULES,
     )
+    clip_grad_norm: float | None = option(
+        None, "clip the gradient norm to this before every update", "optimisation"
+    )
+    clip_scope: str = option(
+        "stage",
+        "the norm --clip-grad-norm bounds: each stage's own, or the whole model's (flush "
+        "schedules, emulator)",
+        "optimisation",
+        choices=CLIP_SCOPES,
+    )
+    precision: str = option(
+        "fp32",
+        "fp32, bf16 autocast (CPU and CUDA) or fp16 autocast with loss scaling (CUDA); the "
+        "weights and the optimizer state stay float32",
+        "optimisation",
+        choices=PRECISIONS,
+    )
     seed: int = option(0, "seed of the weights, the data order and the limits", "optimisation")
     device: str = option("cpu", "device to train on", "execution", choices=DEVICES)
     engine: str = option(
@@ -174,7 +207,15 @@ class TrainConfig:
         choices=ENGINES,
     )
     nproc: int | None = option(
-        None, "processes for --engine distributed (must equal --stages)", "execution"
+        None,
+        "processes for --engine distributed (must equal --stages x --data-parallel)",
+        "execution",
+    )
+    data_parallel: int = option(
+        1,
+        "replicas of the pipeline, each on 1/D of every mini-batch, gradients combined "
+        "before each update (distributed: D x stages processes)",
+        "execution",
     )
     threads: int | None = option(
         None,
@@ -188,16 +229,25 @@ class TrainConfig:
         None, "report the first epoch whose test accuracy reaches this (0..1)", "execution"
     )
     eval_batch_size: int = option(1000, "rows per evaluation batch", "execution")
+    eval_every: int | None = option(
+        None,
+        "also evaluate every K mini-batches (the pipeline drains there: the evaluation needs "
+        "one version of every stage)",
+        "execution",
+    )
     progress: bool = option(True, "show a progress bar", "execution", flag=False)
 
     def validate(self) -> None:
         """Raise ConfigError for any bad value, with the value and the fix."""
         get_method(self.method)
-        for name in ("stages", "epochs", "batch_size", "eval_batch_size"):
+        for name in ("stages", "epochs", "batch_size", "eval_batch_size", "data_parallel"):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise ConfigError(f"{_flag(name)} must be an integer >= 1, got {v!r}")
-        for name in ("microbatches", "train_limit", "test_limit", "image_size", "nproc", "threads"):
+        for name in (
+            "microbatches", "train_limit", "test_limit", "image_size", "nproc", "threads",
+            "eval_every",
+        ):  # fmt: skip
             v = getattr(self, name)
             if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
                 raise ConfigError(f"{_flag(name)} must be an integer >= 1, got {v!r}")
@@ -207,6 +257,12 @@ class TrainConfig:
             v = getattr(self, name)
             if not (math.isfinite(v) and v >= 0):  # NaN fails both
                 raise ConfigError(f"{_flag(name)} must be a finite number >= 0, got {v}")
+        if self.clip_grad_norm is not None and not (
+            math.isfinite(self.clip_grad_norm) and self.clip_grad_norm > 0
+        ):
+            raise ConfigError(
+                f"--clip-grad-norm must be a positive number, got {self.clip_grad_norm}"
+            )
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
             if f.metadata["choices"] and value is not None:
@@ -221,14 +277,26 @@ class TrainConfig:
                 f"--batch-size {self.batch_size} is smaller than --microbatches {n}: "
                 "each micro-batch needs at least one row"
             )
+        if self.batch_size < n * self.data_parallel:
+            raise ConfigError(
+                f"--batch-size {self.batch_size} is smaller than --data-parallel "
+                f"{self.data_parallel} x --microbatches {n}: each replica's micro-batch "
+                "needs at least one row"
+            )
         if self.device == "cuda":
             import torch
 
             if not torch.cuda.is_available():
                 raise ConfigError("--device cuda but no CUDA device is available; use --device cpu")
-        if self.engine == "distributed" and self.nproc is not None and self.nproc != self.stages:
+        procs = self.stages * self.data_parallel
+        if self.engine == "distributed" and self.nproc is not None and self.nproc != procs:
+            if self.data_parallel == 1:
+                raise ConfigError(
+                    f"--nproc {self.nproc} must equal --stages {self.stages}: one process per stage"
+                )
             raise ConfigError(
-                f"--nproc {self.nproc} must equal --stages {self.stages}: one process per stage"
+                f"--nproc {self.nproc} must equal --stages {self.stages} x --data-parallel "
+                f"{self.data_parallel} = {procs}: one process per stage of each replica"
             )
         self.balance_value()
 
@@ -283,6 +351,7 @@ def choice(name: str, value: str, choices: tuple[str, ...]) -> None:
 RUN_IDENTITY = (
     "dataset",
     "model",
+    "model_opt",
     "method",
     "stages",
     "microbatches",
@@ -301,6 +370,10 @@ RUN_IDENTITY = (
     "train_limit",
     "test_limit",
     "image_size",
+    "clip_grad_norm",
+    "clip_scope",
+    "precision",
+    "eval_every",
 )
 
 

@@ -3,7 +3,8 @@
 The loop in :mod:`timeprest.train.loop` is written once. What differs between
 the engines is asked of a context: which process writes the run directory and
 logs, which processes read the data, how a value chosen on one process reaches
-the others, and how the test set is evaluated on the whole model.
+the others, and how the held-out data are evaluated on the whole model (by the run's task,
+:mod:`timeprest.tasks`).
 :class:`LocalContext` answers for the emulator (one process does everything);
 :class:`DistributedContext` for a torchrun job (rank r runs stage r, rank 0
 writes, the first and the last stage read data, rank 0 evaluates with every
@@ -15,40 +16,23 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar, cast
 
-import torch
 from torch import nn
 
 from timeprest.errors import ConfigError
 
 if TYPE_CHECKING:
-    from timeprest.data import Dataset
     from timeprest.engine.runtime import DistributedRuntime, RuntimeOptions
     from timeprest.pipeline import Pipeline
+    from timeprest.tasks import Metrics, Task
 
 T = TypeVar("T")
 
 
-@torch.no_grad()
 def evaluate(
-    stages: list[nn.Module], x: torch.Tensor, y: torch.Tensor, batch_size: int, device: str
-) -> tuple[float, float]:
-    """Mean cross-entropy loss and accuracy of the composed stages (latest weights)."""
-    model = nn.Sequential(*stages)
-    was_training = [m.training for m in stages]
-    model.eval()
-    total_loss, correct = 0.0, 0
-    try:
-        for i in range(0, len(x), batch_size):
-            xb = x[i : i + batch_size].to(device)
-            yb = y[i : i + batch_size].to(device)
-            out = model(xb)
-            total_loss += float(nn.functional.cross_entropy(out, yb, reduction="sum"))
-            correct += int((out.argmax(1) == yb).sum())
-    finally:
-        for m, t in zip(stages, was_training):
-            m.train(t)
-    n = max(len(x), 1)
-    return total_loss / n, correct / n
+    task: Task, stages: list[nn.Module], test: Any, batch_size: int, device: str
+) -> Metrics:
+    """The task's held-out metrics of the composed stages (their latest weights)."""
+    return task.evaluate(nn.Sequential(*stages), test, batch_size, device)
 
 
 class RunContext(Protocol):
@@ -84,9 +68,9 @@ class RunContext(Protocol):
         ...
 
     def evaluate(
-        self, pipe: Pipeline, stages: list[nn.Module], test: Dataset | None, batch_size: int
-    ) -> tuple[float, float]:
-        """Test loss and accuracy of the whole model with the latest weights, on every process."""
+        self, pipe: Pipeline, stages: list[nn.Module], task: Task, test: Any, batch_size: int
+    ) -> Metrics:
+        """The held-out metrics of the whole model with the latest weights, on every process."""
         ...
 
     def env(self) -> dict[str, Any]:
@@ -119,33 +103,38 @@ class LocalContext:
         return {"stages": stages}
 
     def evaluate(
-        self, pipe: Pipeline, stages: list[nn.Module], test: Dataset | None, batch_size: int
-    ) -> tuple[float, float]:
+        self, pipe: Pipeline, stages: list[nn.Module], task: Task, test: Any, batch_size: int
+    ) -> Metrics:
         assert test is not None, "the one local process reads the test set"
-        return evaluate(stages, test.x, test.y, batch_size, self.model_device)
+        return evaluate(task, stages, test, batch_size, self.model_device)
 
     def env(self) -> dict[str, Any]:
         return {}
 
 
 class DistributedContext:
-    """A torchrun job: rank r runs stage r; control messages go over the runtime's gloo group."""
+    """A torchrun job: rank r runs stage r (with D replicas, rank replica * W + stage);
+    control messages go over the runtime's gloo group."""
 
-    def __init__(self, options: RuntimeOptions, num_stages: int) -> None:
-        from timeprest.engine.runtime import DistributedRuntime
+    def __init__(self, options: RuntimeOptions, num_stages: int, data_parallel: int = 1) -> None:
+        from timeprest.engine.runtime import DistributedRuntime, init_distributed
 
         self.options = options
-        self.job: DistributedRuntime = DistributedRuntime(options)
-        self.rank, self.world_size = self.job.rank, self.job.world_size
-        if self.world_size != num_stages:
+        info = init_distributed(options)
+        self.rank, self.world_size = info.rank, info.world_size
+        procs = num_stages * data_parallel
+        if self.world_size != procs:
+            what = "" if data_parallel == 1 else f" x --data-parallel {data_parallel}"
             raise ConfigError(
-                f"--stages {num_stages} but the job has {self.world_size} processes: one "
-                f"process per stage (torchrun --nproc-per-node {num_stages})"
+                f"--stages {num_stages}{what} but the job has {self.world_size} processes: one "
+                f"process per stage (torchrun --nproc-per-node {procs})"
             )
-        last = self.world_size - 1
+        self.job: DistributedRuntime = DistributedRuntime(options, data_parallel)
+        # rank replica * W + stage (docs/design.md section 10): replica 0 is ranks 0..W-1
+        self.stage = self.job.layout.stage
         self.writes = self.rank == 0
-        self.reads_data = self.rank in (0, last)
-        self.shows_progress = self.rank == last
+        self.reads_data = self.stage in (0, num_stages - 1)
+        self.shows_progress = self.rank == self.job.layout.ranks[0][-1]
         self.model_device = "cpu"  # the runtime moves each rank's stage to its device
         self._eval_ready = False
 
@@ -179,34 +168,37 @@ class DistributedContext:
         }
 
     def evaluate(
-        self, pipe: Pipeline, stages: list[nn.Module], test: Dataset | None, batch_size: int
-    ) -> tuple[float, float]:
+        self, pipe: Pipeline, stages: list[nn.Module], task: Task, test: Any, batch_size: int
+    ) -> Metrics:
         import torch.distributed as dist
 
         device = pipe.runners[0].device
         if self.writes and not self._eval_ready:  # rank 0's copies of the other stages join it
             for s, module in enumerate(stages):
-                if s != self.rank:
+                if s != self.stage:
                     module.to(device)
             self._eval_ready = True
-        own = stages[self.rank]
+        own = stages[self.stage]
         states: list[Any] | None = [None] * self.world_size if self.writes else None
         dist.gather_object(
             {k: v.cpu() for k, v in own.state_dict().items()}, states, dst=0, group=self.job.group
         )
         result = None
         if self.writes and states is not None and test is not None:
-            for s, state in enumerate(states):
-                if s != self.rank:
-                    stages[s].load_state_dict(state)
-            result = evaluate(stages, test.x, test.y, batch_size, str(device))
+            # replica 0's stages (every replica holds the same weights): evaluated once
+            for s, r in enumerate(self.job.layout.ranks[0]):
+                if r != self.rank:
+                    stages[s].load_state_dict(states[r])
+            result = evaluate(task, stages, test, batch_size, str(device))
         return self.broadcast(result)
 
     def env(self) -> dict[str, Any]:
-        return {"processes": self.world_size}
+        return {"processes": self.world_size, "data_parallel": self.job.layout.num_replicas}
 
 
-def make_context(engine: str, device: str, threads: int | None, num_stages: int) -> RunContext:
+def make_context(
+    engine: str, device: str, threads: int | None, num_stages: int, data_parallel: int = 1
+) -> RunContext:
     """The context of a run: local for the emulator, distributed inside a torchrun job."""
     if engine != "distributed":
         return LocalContext(device)
@@ -215,4 +207,4 @@ def make_context(engine: str, device: str, threads: int | None, num_stages: int)
     options = RuntimeOptions(
         num_threads=threads or 1, backend="nccl" if device == "cuda" else "gloo"
     )
-    return DistributedContext(options, num_stages)
+    return DistributedContext(options, num_stages, data_parallel)

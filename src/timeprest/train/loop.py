@@ -14,7 +14,7 @@ from __future__ import annotations
 import math
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
@@ -29,7 +29,9 @@ from timeprest.train.progress import EpochProgress
 from timeprest.train.records import (
     EpochRow,
     append_epoch,
+    append_eval,
     append_minibatches,
+    describe_summary,
     read_epochs,
     summarize,
     trim_logs,
@@ -43,9 +45,10 @@ from timeprest.train.rundir import (
 )
 
 if TYPE_CHECKING:
-    from timeprest.data import Dataset
     from timeprest.pipeline import Pipeline
     from timeprest.splitting import SplitPlan
+    from timeprest.stage.sync import Tied
+    from timeprest.tasks import DataInfo, Metrics, Task
 
 
 @dataclass
@@ -57,7 +60,16 @@ class RunResult:
     epochs: list[EpochRow] = field(default_factory=list)
 
 
-def make_optimizer(cfg: TrainConfig) -> Callable[[list[nn.Parameter]], torch.optim.Optimizer]:
+def make_optimizer(
+    cfg: TrainConfig, no_decay: frozenset[int] = frozenset()
+) -> Callable[[list[nn.Parameter]], torch.optim.Optimizer]:
+    """The optimizer factory each stage calls with its parameters.
+
+    AdamW puts the parameters whose ids are in ``no_decay`` (norms, biases,
+    embeddings: see :func:`no_decay_ids`) in a second group without weight
+    decay, inside each stage's one optimizer.
+    """
+
     def build(params: list[nn.Parameter]) -> torch.optim.Optimizer:
         if cfg.optimizer == "sgd":
             return torch.optim.SGD(
@@ -73,9 +85,37 @@ def make_optimizer(cfg: TrainConfig) -> Callable[[list[nn.Parameter]], torch.opt
                 weight_decay=cfg.weight_decay,
                 decoupled_weight_decay=True,
             )
-        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        decay = [p for p in params if id(p) not in no_decay]
+        plain = [p for p in params if id(p) in no_decay]
+        groups = [{"params": decay, "weight_decay": cfg.weight_decay}]
+        if plain:
+            groups.append({"params": plain, "weight_decay": 0.0})
+        return torch.optim.AdamW(groups, lr=cfg.lr)
 
     return build
+
+
+def no_decay_ids(stages: Sequence[nn.Module | None], tied: Sequence[Tied] = ()) -> frozenset[int]:
+    """Ids of the parameters weight decay leaves alone: norms, biases, embeddings, tied copies.
+
+    A tied tensor's copies must be updated alike (docs/design.md section 11), so
+    every copy follows its embedding into this set.
+    """
+    out: set[int] = set()
+    norms = (nn.LayerNorm, nn.GroupNorm, nn.modules.batchnorm._NormBase, nn.Embedding)
+    for stage in stages:
+        if stage is None:
+            continue
+        for module in stage.modules():
+            for name, p in module.named_parameters(recurse=False):
+                if isinstance(module, norms) or name == "bias":
+                    out.add(id(p))
+    for group in tied:
+        for s, name in group:
+            stage = stages[s]
+            if stage is not None:
+                out.add(id(stage.get_parameter(name)))
+    return frozenset(out)
 
 
 def lr_factor(cfg: TrainConfig, steps_per_epoch: int) -> Callable[[int], float]:
@@ -94,19 +134,36 @@ def lr_factor(cfg: TrainConfig, steps_per_epoch: int) -> Callable[[int], float]:
     return factor
 
 
-def build_pipeline(cfg: TrainConfig, steps_per_epoch: int, **options: Any) -> Pipeline:
-    """The Pipeline a run of ``cfg`` trains (``options``: its stages and engine options)."""
+def build_pipeline(
+    cfg: TrainConfig,
+    steps_per_epoch: int,
+    *,
+    task: Task,
+    all_stages: Sequence[nn.Module | None],
+    tied: Sequence[Tied] = (),
+    **options: Any,
+) -> Pipeline:
+    """The Pipeline a run of ``cfg`` trains (``options``: its stages and engine options).
+
+    ``all_stages`` are the stage modules (for the optimizer's parameter groups),
+    ``tied`` the tensors several stages hold a copy of.
+    """
     from timeprest.pipeline import Pipeline
 
     return Pipeline(
         method=cfg.method,
         num_microbatches=cfg.num_microbatches,
-        optimizer=make_optimizer(cfg),
-        loss_fn=nn.functional.cross_entropy,
+        optimizer=make_optimizer(cfg, no_decay_ids(all_stages, tied)),
+        loss_fn=task.loss_fn,
         **cfg.overrides(),
         costs=cfg.costs,
         seed=cfg.seed,
         lr_lambda=lr_factor(cfg, steps_per_epoch),
+        precision=cfg.precision,
+        clip_grad_norm=cfg.clip_grad_norm,
+        clip_scope=cfg.clip_scope,
+        tied=tied,
+        data_parallel=cfg.data_parallel,
         **options,
     )
 
@@ -126,7 +183,7 @@ def run_training(
         return launch_training(cfg, resume=resume, overwrite=overwrite, log=log)
     if cfg.threads is not None and cfg.engine != "distributed":  # the runtime sets its own
         torch.set_num_threads(cfg.threads)
-    ctx = make_context(cfg.engine, cfg.device, cfg.threads, cfg.stages)
+    ctx = make_context(cfg.engine, cfg.device, cfg.threads, cfg.stages, cfg.data_parallel)
     return _train(cfg, ctx, resume=resume, overwrite=overwrite, log=log if ctx.writes else _quiet)
 
 
@@ -134,41 +191,9 @@ def _quiet(_: str) -> None:
     pass
 
 
-@dataclass(frozen=True)
-class _DataInfo:
-    """What every process needs to know of the data, whether or not it reads them."""
-
-    in_channels: int
-    num_classes: int
-    image_size: int
-    augment: bool
-    train_rows: int
-    test_rows: int
-    train_classes: int
-    test_classes: int
-
-
-def _load_data(cfg: TrainConfig) -> tuple[Dataset, Dataset, _DataInfo]:
-    """The train and test sets of the run, with --train-limit/--test-limit drawn from the seed."""
-    from timeprest.data import load_dataset, subset
-
-    data = load_dataset(cfg.dataset, cfg.data_dir, image_size=cfg.image_size, seed=cfg.seed)
-    train, test = data.train, data.test
-    if cfg.train_limit:
-        train = subset(train, cfg.train_limit, seed=cfg.seed, part="train")
-    if cfg.test_limit:
-        test = subset(test, cfg.test_limit, seed=cfg.seed, part="test")
-    info = _DataInfo(
-        data.in_channels,
-        data.num_classes,
-        data.image_size,
-        data.augment_default if cfg.augment is None else cfg.augment,
-        len(train),
-        len(test),
-        int(train.y.unique().numel()),
-        int(test.y.unique().numel()),
-    )
-    return train, test, info
+def _load_data(cfg: TrainConfig, task: Task) -> tuple[Any, Any, DataInfo]:
+    """The train and held-out data of the run (--train-limit/--test-limit applied)."""
+    return task.load()
 
 
 class ModelShape(Protocol):
@@ -185,23 +210,27 @@ class ModelShape(Protocol):
 def seeded_model(cfg: TrainConfig, shape: ModelShape, device: str) -> nn.Module:
     """``cfg.model`` for data of ``shape``, its initial weights drawn from ``cfg.seed``."""
     from timeprest.models import build_model
+    from timeprest.tasks import task_for
 
+    options = task_for(cfg).model_options()
     torch.manual_seed(cfg.seed)
     return build_model(
         cfg.model,
         in_channels=shape.in_channels,
         num_classes=shape.num_classes,
         image_size=shape.image_size,
+        options=options,
     ).to(device)
 
 
 def split_plan(
-    cfg: TrainConfig, model: nn.Module, train: Dataset, balance: Any, n: int, device: str
+    cfg: TrainConfig, model: nn.Module, train: Any, balance: Any, n: int, device: str
 ) -> SplitPlan:
     """The split of ``model``; ``balance="time"`` times one micro-batch of ``n`` per mini-batch."""
     from timeprest.splitting import plan_split
+    from timeprest.tasks import task_for
 
-    sample = train.x[: max(cfg.batch_size // n, 1)].to(device)
+    sample = task_for(cfg).sample_input(train, max(cfg.batch_size // n, 1)).to(device)
     return plan_split(model, cfg.stages, balance, sample_input=sample, device=device)
 
 
@@ -213,10 +242,12 @@ def _train(
     overwrite: bool,
     log: Callable[[str], None],
 ) -> RunResult:
-    from timeprest.data import make_batches, num_batches
-    from timeprest.splitting import apply_plan
+    from timeprest.data import num_batches
+    from timeprest.splitting import apply_plan_untied
+    from timeprest.tasks import task_for
     from timeprest.train.tensorboard import EpochWriter
 
+    task = task_for(cfg)
     run_dir = Path(
         ctx.on_writer(
             "preparing the run directory",
@@ -224,9 +255,9 @@ def _train(
         )
     )
     # the first and the last stage read the data; the others learn their shape
-    loaded = ctx.on_readers("loading the dataset", lambda: _load_data(cfg))
+    loaded = ctx.on_readers("loading the dataset", lambda: _load_data(cfg, task))
     train_set, test_set = (loaded[0], loaded[1]) if loaded else (None, None)
-    info = ctx.broadcast(loaded[2] if loaded else None)
+    info: DataInfo = ctx.broadcast(loaded[2] if loaded else None)
     n = cfg.num_microbatches
 
     # every process builds the same model from the seed; the writer chooses the split
@@ -239,17 +270,19 @@ def _train(
         return split_plan(cfg, model, train_set, balance, n, ctx.model_device)
 
     plan = ctx.on_writer("splitting the model", choose_split)
-    stages = apply_plan(model, plan)
+    # a tensor two stages use (tied embeddings) becomes one copy per stage
+    stages, tied = apply_plan_untied(model, plan)
     steps_per_epoch = num_batches(info.train_rows, cfg.batch_size)
-    pipe = build_pipeline(cfg, steps_per_epoch, **ctx.pipeline_options(stages))
+    pipe = build_pipeline(
+        cfg, steps_per_epoch, task=task, all_stages=stages, tied=tied,
+        **ctx.pipeline_options(stages),
+    )  # fmt: skip
     if ctx.writes:
         write_run_files(run_dir, cfg, pipe.describe(), info.augment, plan.to_dict(), **ctx.env())
     where = f"in {ctx.world_size} processes" if ctx.world_size > 1 else "stages"
     log(
-        f"{cfg.method}: {cfg.model} on {cfg.dataset} ({info.train_rows} train rows in "
-        f"{info.train_classes} classes / {info.test_rows} test rows in {info.test_classes} "
-        f"classes, of {info.num_classes}), W={cfg.stages} {where}, N={n} micro-batches, "
-        f"batch {cfg.batch_size}, engine {cfg.engine}"
+        f"{cfg.method}: {cfg.model} on {cfg.dataset} ({info.description}), W={cfg.stages} "
+        f"{where}, N={n} micro-batches, batch {cfg.batch_size}, engine {cfg.engine}"
     )
     unit = "s" if plan.cost_unit == "s" else " params"
     log(
@@ -262,44 +295,81 @@ def _train(
     )
 
     epochs_log, mb_log = run_dir / "epochs.jsonl", run_dir / "minibatches.jsonl"
+    evals_log = run_dir / "evals.jsonl"
     ckpt_dir = run_dir / "checkpoint"
     done = Progress(0, [], 0.0)
     if resume:
         done = ctx.on_writer("reading the checkpoint", lambda: Progress.read(ckpt_dir))
         pipe.load_checkpoint(ckpt_dir)
         if ctx.writes:
-            trim_logs(epochs_log, mb_log, done.history, pipe.minibatches_done)
+            trim_logs(epochs_log, mb_log, done.history, pipe.minibatches_done, evals_log)
         log(f"resumed {run_dir} after epoch {done.epoch}")
     elif ctx.writes:
-        for old in (epochs_log, mb_log):
+        for old in (epochs_log, mb_log, evals_log):
             old.unlink(missing_ok=True)
     tb = EpochWriter(run_dir, start_epoch=done.epoch, enabled=ctx.writes)  # no-op without TB
     history = list(done.history)
     factor = lr_factor(cfg, steps_per_epoch)
 
+    def evaluate() -> Metrics:
+        return ctx.evaluate(pipe, stages, task, test_set, cfg.eval_batch_size)
+
     t_start = time.perf_counter() - done.wall_time
     for epoch in range(done.epoch, cfg.epochs):
-        batches = None
-        if train_set is not None:
-            batches = make_batches(
-                train_set,
-                cfg.batch_size,
-                shuffle=True,
-                seed=cfg.seed,
-                epoch=epoch,
-                augment=info.augment,
-            )
+        batches = None if train_set is None else task.train_batches(train_set, info, epoch)
         progress = EpochProgress(
             epoch, cfg.epochs, steps_per_epoch, cfg.batch_size, cfg.progress and ctx.shows_progress
         )
         t0 = time.perf_counter()
-        losses = pipe.train(
-            batches,  # type: ignore[arg-type]  # None where this stage reads no data
-            on_loss=progress.update if ctx.shows_progress else None,
-        )
-        train_time = time.perf_counter() - t0
+        losses: list[float] = []
+        eval_time = 0.0
+        first = pipe.minibatches_done
+        every = cfg.eval_every or steps_per_epoch
+        # In one process every stage is here: a mid-epoch evaluation reads each stage's
+        # latest weights at the moment mini-batch t's loss is known, without a drain
+        # (no gradient, no randomness, training flags restored: the run is unchanged).
+        # Across processes the stages are elsewhere: the epoch is trained in pieces of
+        # K mini-batches, each drained before the evaluation.
+        midway = ctx.world_size == 1 and every < steps_per_epoch
+
+        spent = [0.0]  # seconds of mid-epoch evaluations in this epoch
+
+        def on_loss(
+            t: int, loss: float, progress: EpochProgress = progress, first: int = first,
+            epoch: int = epoch, midway: bool = midway, every: int = every,
+            spent: list[float] = spent,
+        ) -> None:  # fmt: skip
+            if ctx.shows_progress:
+                progress.update(t, loss)
+            done_here = t + 1 - first
+            if midway and done_here % every == 0 and done_here < steps_per_epoch:
+                t_eval = time.perf_counter()
+                with torch.random.fork_rng():
+                    metrics = evaluate()
+                spent[0] += time.perf_counter() - t_eval
+                append_eval(evals_log, epoch + 1, t + 1, metrics)
+
+        piece = steps_per_epoch if midway else every
+        for lo in range(0, steps_per_epoch, piece):
+            hi = min(lo + piece, steps_per_epoch)
+            part = None if batches is None else (batches[i] for i in range(lo, hi))
+            losses += pipe.train(
+                part,  # type: ignore[arg-type]  # None where this stage reads no data
+                on_loss=on_loss if ctx.shows_progress or midway else None,
+                num_minibatches=hi - lo,
+            )
+            if ctx.writes:
+                append_minibatches(mb_log, pipe.report, epoch + 1)
+            pipe.report.minibatches.clear()  # on disk now: memory stays flat on long runs
+            if not midway and hi < steps_per_epoch:  # the epoch's last evaluation is its row's
+                t_eval = time.perf_counter()
+                metrics = evaluate()
+                eval_time += time.perf_counter() - t_eval
+                if ctx.writes:
+                    append_eval(evals_log, epoch + 1, pipe.minibatches_done, metrics)
+        train_time = time.perf_counter() - t0 - eval_time - spent[0]
         progress.close()
-        test = ctx.evaluate(pipe, stages, test_set, cfg.eval_batch_size)
+        test = evaluate()
         rep = pipe.report
         row = EpochRow.from_report(
             epoch + 1,
@@ -310,34 +380,25 @@ def _train(
             info.train_rows,
             factor(pipe.minibatches_done - 1),
             rep,
+            task=task.name,
         )
         row = ctx.broadcast(row)  # the writer's clock for every process's history
         history.append(row)
         if ctx.writes:
-            append_minibatches(mb_log, rep, epoch + 1)
             append_epoch(epochs_log, row)
+            append_eval(evals_log, epoch + 1, pipe.minibatches_done, test)
             tb.write(row)
-        # the per-mini-batch records are on disk now; keep memory flat on long runs
-        # (the epoch means above were taken first)
-        rep.minibatches.clear()
         pipe.save_checkpoint(ckpt_dir)
         if ctx.writes:
             Progress(epoch + 1, history, row.wall_time).write(ckpt_dir)
         ctx.barrier("writing the checkpoint")
-        log(
-            f"epoch {epoch + 1}/{cfg.epochs}: train loss {row.train_loss:.4f}, "
-            f"test loss {row.test_loss:.4f}, test accuracy {row.test_accuracy * 100:.2f}%, "
-            f"{train_time:.1f}s ({row.samples_per_s:,.0f} samples/s)"
-        )
+        log(f"epoch {epoch + 1}/{cfg.epochs}: {row.describe()}, {train_time:.1f}s "
+            f"({row.samples_per_s:,.0f} samples/s)")  # fmt: skip
     tb.close()
     summary = summarize(cfg, history)
     if ctx.writes:
         write_json(run_dir / "summary.json", summary)
-    log(
-        f"done: final test accuracy {summary['final_test_accuracy'] * 100:.2f}%, "
-        f"best {summary['best_test_accuracy'] * 100:.2f}%, {summary['wall_time']:.1f}s; "
-        f"run dir {run_dir}"
-    )
+    log(f"done: {describe_summary(summary)}, {summary['wall_time']:.1f}s; run dir {run_dir}")
     ctx.barrier("finishing the run")
     return RunResult(run_dir, summary, history)
 
@@ -351,14 +412,14 @@ def launch_training(
 ) -> RunResult:
     """``--engine distributed`` outside torchrun: run ``timeprest train`` under torchrun.
 
-    Starts ``cfg.nproc or cfg.stages`` workers on loopback with
+    Starts ``cfg.nproc or cfg.stages x cfg.data_parallel`` workers on loopback with
     :func:`timeprest.engine.launch.launch_local`, each running this module's loop
     for its stage from the same configuration (a temporary config file), waits,
     and returns the result read back from the run directory.
     """
     from timeprest.engine.launch import StageFailure, launch_local
 
-    nproc = cfg.nproc or cfg.stages
+    nproc = cfg.nproc or cfg.stages * cfg.data_parallel
     fixed = replace(cfg, run_dir=str(run_dir_of(cfg)))  # every worker writes the same place
     with tempfile.TemporaryDirectory(prefix="timeprest-launch-") as tmp:
         config_file = str(Path(tmp) / "config.json")

@@ -19,6 +19,7 @@ from timeprest.errors import ConfigError
 
 if TYPE_CHECKING:
     from timeprest.report import Report
+    from timeprest.tasks import Metrics
     from timeprest.train.config import TrainConfig
 
 
@@ -26,7 +27,10 @@ if TYPE_CHECKING:
 class EpochRow:
     """One line of ``epochs.jsonl``: losses, accuracy, time and per-stage figures.
 
-    Per-stage fields are lists with one value per stage.
+    Per-stage fields are lists with one value per stage. ``test_*`` are the
+    held-out figures: the test set of an image dataset, the validation part of
+    a text corpus (where the loss is in nats per token and the accuracy that
+    of the next byte).
     """
 
     epoch: int
@@ -50,26 +54,34 @@ class EpochRow:
     weight_bytes: list[int]
     peak_activation_bytes: list[int]
     optimizer_state_bytes: list[int]
+    task: str = "classification"
+    """``classification`` or ``lm`` (causal language modelling)."""
+    test_bits_per_byte: float | None = None
+    """Held-out loss in bits per byte (byte-level language models)."""
+    test_perplexity: float | None = None
+    """e to the held-out loss per token (language models)."""
 
     @classmethod
     def from_report(
         cls,
         epoch: int,
         losses: Sequence[float],
-        test: tuple[float, float],
+        test: Metrics,
         train_time: float,
         wall: float,
         rows: int,
         lr_end: float,
         report: Report,
+        *,
+        task: str = "classification",
     ) -> EpochRow:
         """The row of an epoch from its losses, its evaluation and the pipeline's report."""
         stages = range(len(report.stages))
         return cls(
             epoch=epoch,
             train_loss=sum(losses) / len(losses),
-            test_loss=test[0],
-            test_accuracy=test[1],
+            test_loss=test.loss,
+            test_accuracy=test.accuracy,
             epoch_time=train_time,
             wall_time=wall,
             samples_per_s=rows / train_time,
@@ -81,6 +93,21 @@ class EpochRow:
             weight_bytes=[r.weight_bytes for r in report.stages],
             peak_activation_bytes=[r.peak_activation_bytes for r in report.stages],
             optimizer_state_bytes=[r.optimizer_state_bytes for r in report.stages],
+            task=task,
+            test_bits_per_byte=test.bits_per_byte,
+            test_perplexity=test.perplexity,
+        )
+
+    def describe(self) -> str:
+        """The epoch's log line figures."""
+        text = f"train loss {self.train_loss:.4f}, "
+        if self.test_bits_per_byte is not None:
+            return text + (
+                f"validation loss {self.test_loss:.4f} nats/token, "
+                f"{self.test_bits_per_byte:.4f} bits/byte, perplexity {self.test_perplexity:.2f}"
+            )
+        return (
+            text + f"test loss {self.test_loss:.4f}, test accuracy {self.test_accuracy * 100:.2f}%"
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -89,14 +116,16 @@ class EpochRow:
     @classmethod
     def from_dict(cls, d: dict[str, Any], where: str = "epochs.jsonl") -> EpochRow:
         """The row of a JSON object; ConfigError naming the missing fields (another writer)."""
-        names = [f.name for f in dataclasses.fields(cls)]
-        missing = [k for k in names if k not in d]
+        fields = dataclasses.fields(cls)
+        names = [f.name for f in fields]
+        required = [f.name for f in fields if f.default is dataclasses.MISSING]
+        missing = [k for k in required if k not in d]
         if missing:
             raise ConfigError(
                 f"{where}: epoch {d.get('epoch', '?')} lacks {', '.join(missing)}; "
                 "was it written by timeprest train?"
             )
-        return cls(**{k: d[k] for k in names})
+        return cls(**{k: d[k] for k in names if k in d})
 
     @property
     def num_stages(self) -> int:
@@ -141,12 +170,29 @@ def append_minibatches(path: Path, report: Report, epoch: int) -> None:
             f.write(json.dumps(record) + "\n")
 
 
-def trim_logs(epochs_log: Path, mb_log: Path, history: Sequence[EpochRow], done: int) -> None:
+def append_eval(path: Path, epoch: int, minibatches: int, metrics: Metrics) -> None:
+    """Append one held-out evaluation (``--eval-every``, and each epoch's end) to evals.jsonl.
+
+    ``minibatches`` is the number of mini-batches trained when it was taken.
+    """
+    record = {"epoch": epoch, "minibatches": minibatches, **dataclasses.asdict(metrics)}
+    with path.open("a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def trim_logs(
+    epochs_log: Path,
+    mb_log: Path,
+    history: Sequence[EpochRow],
+    done: int,
+    evals_log: Path | None = None,
+) -> None:
     """Rewrite the logs to what a checkpoint covers: an epoch cut short is redone."""
     epochs_log.write_text("".join(json.dumps(h.to_dict()) + "\n" for h in history))
-    if mb_log.exists():
-        kept = [ln for ln in mb_log.read_text().splitlines() if json.loads(ln)["minibatch"] < done]
-        mb_log.write_text("".join(ln + "\n" for ln in kept))
+    for log, key, keep in ((mb_log, "minibatch", done), (evals_log, "minibatches", done + 1)):
+        if log is not None and log.exists():
+            kept = [ln for ln in log.read_text().splitlines() if json.loads(ln)[key] < keep]
+            log.write_text("".join(ln + "\n" for ln in kept))
 
 
 def epochs_to_target(history: Sequence[EpochRow], target: float | None) -> int | None:
@@ -184,4 +230,21 @@ def summarize(cfg: TrainConfig, history: Sequence[EpochRow]) -> dict[str, Any]:
         "peak_weight_bytes": last.peak_weight_bytes,
         "peak_activation_bytes": last.peak_activation_bytes,
         "optimizer_state_bytes": last.optimizer_state_bytes,
+        "task": last.task,
+        "final_val_loss": last.test_loss,
+        "final_bits_per_byte": last.test_bits_per_byte,
+        "final_perplexity": last.test_perplexity,
     }
+
+
+def describe_summary(summary: dict[str, Any]) -> str:
+    """The final figures of a run's summary, for its last log line."""
+    if summary.get("final_bits_per_byte") is not None:
+        return (
+            f"final validation loss {summary['final_val_loss']:.4f} nats/token, "
+            f"{summary['final_bits_per_byte']:.4f} bits/byte"
+        )
+    return (
+        f"final test accuracy {summary['final_test_accuracy'] * 100:.2f}%, "
+        f"best {summary['best_test_accuracy'] * 100:.2f}%"
+    )

@@ -1,6 +1,7 @@
 """The distributed engine: one process per stage over ``torch.distributed``.
 
-Rank ``r`` runs stage ``r``: the same lowered program and the same
+Rank ``r`` runs stage ``r`` (with D data-parallel replicas, rank ``replica * W
++ stage`` or a ``DeviceMesh``'s layout: :mod:`.layout`): the same lowered program and the same
 :class:`~timeprest.stage.StageRunner` code as the emulator, through the same
 executor; only the transport differs (point-to-point ``isend``/``irecv``
 instead of a mailbox), so the results are bitwise those of the emulator on
@@ -41,11 +42,14 @@ from timeprest.engine.runtime.group import (
     init_distributed,
     register,
 )
+from timeprest.engine.runtime.layout import Layout, default_layout, dp_group, mesh_layout
 from timeprest.engine.runtime.p2p import P2PTransport
+from timeprest.engine.runtime.reduce import DistributedReduction
 from timeprest.engine.runtime.wire import Spec
 from timeprest.errors import ConfigError, DataError, ScheduleError, StageFailure
 from timeprest.schedule.builders import Schedule
 from timeprest.stage import Minibatch, NoBatches, SplitBatches, microbatch_rows
+from timeprest.stage.replicas import combine_losses, part_rows, part_weights, replica_part
 
 T = TypeVar("T")
 
@@ -65,12 +69,24 @@ class DistributedRuntime:
 
     name = "distributed"
 
-    def __init__(self, options: RuntimeOptions | None = None) -> None:
+    def __init__(
+        self, options: RuntimeOptions | None = None, data_parallel: int = 1, mesh: Any = None
+    ) -> None:
         self.options = options or RuntimeOptions()
         self.info = init_distributed(self.options)
         self.rank = self.info.rank
         self.world_size = self.info.world_size
+        if mesh is not None:
+            self.layout: Layout = mesh_layout(mesh, self.rank, self.world_size)
+            if data_parallel not in (1, self.layout.num_replicas):
+                raise ConfigError(
+                    f"data_parallel={data_parallel} but the device mesh has "
+                    f"{self.layout.num_replicas} replicas along 'dp'"
+                )
+        else:
+            self.layout = default_layout(self.rank, self.world_size, data_parallel)
         self.group: Any = control_group(self.options.timeout)
+        self.dp_group: Any = dp_group(self.layout, mesh, self.options.timeout)
         self.instance = register(self)
         store = dist.distributed_c10d._get_default_store()
         self.store = dist.PrefixStore(f"timeprest/{self.instance}/", store)
@@ -80,6 +96,10 @@ class DistributedRuntime:
         self.shapes_in: dict[int, Spec] = {}
         self.shapes_out: dict[int, Spec] = {}
         self._transport: P2PTransport | None = None
+
+    def rank_name(self, rank: int) -> str:
+        """How messages name ``rank``: its stage, and its replica with several."""
+        return stage_name(rank, self.layout)
 
     # -- agreement -----------------------------------------------------------------
     def _all_gather(self, obj: Any, what: str) -> list[Any]:
@@ -112,7 +132,7 @@ class DistributedRuntime:
         bad = [(r, e) for r, e in enumerate(errors) if e is not None]
         if bad:
             raise ConfigError(
-                f"{what} failed on " + "; ".join(f"{stage_name(r)}: {e}" for r, e in bad)
+                f"{what} failed on " + "; ".join(f"{self.rank_name(r)}: {e}" for r, e in bad)
             )
         return result  # type: ignore[return-value]
 
@@ -139,24 +159,32 @@ class DistributedRuntime:
                     "nn.Module (use timeprest.split(model, num_stages) to cut a model)"
                 )
             if callable(stages):
-                w = num_stages if num_stages is not None else self.world_size
+                w = num_stages if num_stages is not None else self.layout.num_stages
             elif isinstance(stages, Sequence):
                 w = len(stages)
                 if num_stages is not None and num_stages != w:
                     raise ConfigError(f"num_stages={num_stages} but {w} stages were given")
             else:
                 raise ConfigError("stages must be a list of nn.Module or a callable stage_fn")
-            if w != self.world_size:
+            d = self.layout.num_replicas
+            if d > 1 and w != self.layout.num_stages:
+                raise ConfigError(
+                    f"the pipeline has {w} stages, but {d} replicas on WORLD_SIZE "
+                    f"{self.world_size} make {self.layout.num_stages} stages per replica: "
+                    f"launch {d * w} processes (data_parallel x stages)"
+                )
+            if d == 1 and w != self.world_size:
                 raise ConfigError(
                     f"engine='distributed' runs one stage per process: the pipeline has {w} "
                     f"stages but WORLD_SIZE is {self.world_size}; launch "
                     f"`torchrun --nproc-per-node {w}` (or give {self.world_size} stages)"
                 )
-            module = stages(self.rank) if callable(stages) else stages[self.rank]
+            stage = self.layout.stage
+            module = stages(stage) if callable(stages) else stages[stage]
             if not isinstance(module, nn.Module):
                 raise ConfigError(
-                    f"stage {self.rank} is a {type(module).__name__}, not an nn.Module "
-                    f"(rank {self.rank} runs stage {self.rank})"
+                    f"stage {stage} is a {type(module).__name__}, not an nn.Module "
+                    f"({self.rank_name(self.rank)} runs it)"
                 )
             device = self.info.device
             if device.type == "cuda":
@@ -165,11 +193,11 @@ class DistributedRuntime:
                 for p in [*module.parameters(), *module.buffers()]:
                     if p.device.type != "cpu":
                         raise ConfigError(
-                            f"stage {self.rank} has tensors on {p.device}, but the process "
+                            f"stage {stage} has tensors on {p.device}, but the process "
                             f"group's backend is {self.info.backend}: use NCCL for GPUs"
                         )
             out: list[nn.Module | None] = [None] * w
-            out[self.rank] = module
+            out[stage] = module
             return out
 
         # a rank that cannot build its stage must not leave the others waiting
@@ -208,13 +236,13 @@ class DistributedRuntime:
         record = failure_record(exc, self.rank, where)
         publish(self.store, record)
         message = (
-            diagnose(read_records(self.store, self.world_size), record)
+            diagnose(read_records(self.store, self.world_size), record, self.layout)
             if isinstance(exc, CommError)
-            else f"{stage_name(self.rank)} failed at {where}: {record['error']}"
+            else f"{self.rank_name(self.rank)} failed at {where}: {record['error']}"
         )
         self.broken = message
         self._teardown()
-        print(f"[timeprest {stage_name(self.rank)}] {message}", file=sys.stderr, flush=True)
+        print(f"[timeprest {self.rank_name(self.rank)}] {message}", file=sys.stderr, flush=True)
         if isinstance(exc, CommError):
             raise StageFailure(message) from None
         raise exc
@@ -224,7 +252,6 @@ class DistributedRuntime:
         self, job: Job, data: list[Minibatch] | None, error: BaseException | None
     ) -> list[int]:
         """Agree on the batches and the configuration; raise the same error on every rank."""
-        w = self.world_size
         rows = None if data is None else [int(x.shape[0]) for x, _ in data]
         runner = job.runners[0]
         config = {
@@ -249,7 +276,8 @@ class DistributedRuntime:
         bad = [(r, g["error"]) for r, g in enumerate(got) if g["error"] is not None]
         if bad:
             raise ConfigError(
-                "the batches were rejected on " + "; ".join(f"{stage_name(r)}: {e}" for r, e in bad)
+                "the batches were rejected on "
+                + "; ".join(f"{self.rank_name(r)}: {e}" for r, e in bad)
             )
         if len({g["hash"] for g in got}) > 1:
             diffs = []
@@ -263,13 +291,20 @@ class DistributedRuntime:
                 "the ranks run different configurations (every rank must build the same "
                 "Pipeline, in the same order, from the same checkpoint): " + "; ".join(diffs)
             )
-        first, last = got[0]["rows"], got[w - 1]["rows"]
-        if first != last:
-            raise DataError(
-                f"stage 0 and stage {w - 1} read different batches: stage 0 got "
-                f"{len(first)} mini-batches of {first[:8]}{'...' if len(first) > 8 else ''} rows, "
-                f"stage {w - 1} got {len(last)} of {last[:8]}{'...' if len(last) > 8 else ''}"
-            )
+        # every rank of the first and the last stage, of every replica, read the batches
+        lay = self.layout
+        readers = sorted({r for row in lay.ranks for r in (row[0], row[-1])})
+        first = got[readers[0]]["rows"]
+        for r in readers[1:]:
+            last = got[r]["rows"]
+            if first != last:
+                a, b = lay.position(readers[0])[1], lay.position(r)[1]
+                who = "" if lay.num_replicas == 1 else f" ({self.rank_name(r)})"
+                raise DataError(
+                    f"stage {a} and stage {b}{who} read different batches: stage {a} got "
+                    f"{len(first)} mini-batches of {first[:8]}{'...' if len(first) > 8 else ''} "
+                    f"rows, stage {b} got {len(last)} of {last[:8]}{'...' if len(last) > 8 else ''}"
+                )
         return list(first)
 
     def _check_schedule(self, schedule: Schedule) -> None:
@@ -293,10 +328,11 @@ class DistributedRuntime:
         """
         self._check_usable()
         runner = job.runners[0]
-        w, rank = self.world_size, self.rank
+        lay = self.layout
+        w, stage, d = lay.num_stages, lay.stage, lay.num_replicas
         data: list[Minibatch] | None = None
         error: BaseException | None = None
-        if rank in (0, w - 1):  # only the first and the last stage read data
+        if stage in (0, w - 1):  # only the first and the last stage read data
             try:
                 data = [job.check(t, b) for t, b in enumerate(job.batches)]
                 if job.num_minibatches is not None and len(data) != job.num_minibatches:
@@ -316,17 +352,24 @@ class DistributedRuntime:
             self._fail(exc, where)
         self._check_schedule(lowered.schedule)
         n = job.num_microbatches
-        micro = [microbatch_rows(r, n) for r in rows]
+        replica = lay.replica
+        # with D replicas this rank trains on its part of each mini-batch (section 10)
+        micro = [microbatch_rows(part_rows(r, d)[replica], n) for r in rows]
+        if data is not None and d > 1:
+            data = [replica_part(b, replica, d) for b in data]
         source = SplitBatches(data, n) if data is not None else NoBatches()
-        runner.begin(plans[rank], job.base_minibatch)
-        if rank == w - 1:
+        runner.begin(plans[stage], job.base_minibatch)
+        if d > 1:
+            reduction = DistributedReduction(self.dp_group, lay, runner.params, rows, runner.device)
+            runner.combine_grads = reduction.hook()
+        elif stage == w - 1:  # one replica: the loss is known here as it is computed
             runner.on_loss = job.on_loss
         lookahead = self.options.lookahead or n + 1
         where = "start-up"
         try:
             transport = P2PTransport(
                 lowered,
-                rank,
+                stage,
                 micro,
                 self.shapes_in,
                 self.shapes_out,
@@ -334,33 +377,38 @@ class DistributedRuntime:
                 timeout=self.options.timeout,
                 lookahead=lookahead,
                 ordered=self.info.backend == "nccl",
+                ranks=lay.pipeline_ranks(),
             )
             self._transport = transport
             transport.pump()
-            executor = StageExecutor(lowered.programs[rank], runner, transport, source)
+            executor = StageExecutor(lowered.programs[stage], runner, transport, source)
             try:
                 executor.run()
+                if not executor.done:  # a blocking transport never answers "not yet"
+                    raise ScheduleError(f"internal: stage {stage} stopped at {executor.current}")
             finally:
                 op = executor.current
                 if op is not None:
-                    where = f"action {op.action} (program index {op.index} of stage {rank})"
+                    where = f"action {op.action} (program index {op.index} of stage {stage})"
             where = "the end of the run (waiting for the last sends)"
             transport.finish()
         except BaseException as exc:
             self._fail(exc, where)
         finally:
             runner.on_loss = None
+            runner.combine_grads = None
             self._transport = None
-        return self._finish(job, runner, len(rows))
+        return self._finish(job, runner, rows)
 
     def _gather_reports(self, runner: Any) -> list[Any]:
         where = "the report exchange"
         try:
-            return self._all_gather(runner.report(), where)
+            got = self._all_gather(runner.report(), where)
         except CommError as exc:
             self._fail(exc, where)
+        return [got[r] for r in self.layout.ranks[0]]  # replica 0's, by stage
 
-    def _finish(self, job: Job, runner: Any, count: int) -> Outcome:
+    def _finish(self, job: Job, runner: Any, rows: list[int]) -> Outcome:
         """Share losses and report figures, so every rank returns and reports the same."""
         mine = {
             "losses": runner.losses if runner.is_last else None,
@@ -372,9 +420,19 @@ class DistributedRuntime:
             got = self._all_gather(mine, where)
         except CommError as exc:
             self._fail(exc, where)
-        losses_by_t: dict[int, float] = got[-1]["losses"]
-        losses = [losses_by_t[t] for t in range(count)]
-        if job.on_loss is not None and not runner.is_last:
+        lay = self.layout
+        count = len(rows)
+        if lay.num_replicas == 1:
+            losses_by_t: dict[int, float] = got[-1]["losses"]
+            losses = [losses_by_t[t] for t in range(count)]
+        else:  # the whole mini-batch's loss, from every replica's last stage in replica order
+            last = [got[row[-1]]["losses"] for row in lay.ranks]
+            losses = [
+                combine_losses([by_t[t] for by_t in last], part_weights(rows[t], lay.num_replicas))
+                for t in range(count)
+            ]
+        if job.on_loss is not None and not (runner.is_last and lay.num_replicas == 1):
             for t in range(count):
                 job.on_loss(job.base_minibatch + t, losses[t])
-        return Outcome(losses, [g["steps"] for g in got], [g["stage"] for g in got])
+        first = [got[r] for r in lay.ranks[0]]  # replica 0's figures, by stage
+        return Outcome(losses, [g["steps"] for g in first], [g["stage"] for g in first])

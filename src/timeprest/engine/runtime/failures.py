@@ -14,7 +14,10 @@ from __future__ import annotations
 
 import json
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from timeprest.engine.runtime.layout import Layout
 
 
 def first_line(exc: BaseException) -> str:
@@ -22,8 +25,9 @@ def first_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text.splitlines()[0]}" if text else type(exc).__name__
 
 
-def stage_name(rank: int) -> str:
-    return f"rank {rank} (stage {rank})"
+def stage_name(rank: int, layout: Layout | None = None) -> str:
+    """``rank R (stage S)``, or ``rank R (replica P, stage S)`` with data-parallel replicas."""
+    return f"rank {rank} (stage {rank})" if layout is None else layout.name(rank)
 
 
 class CommError(Exception):
@@ -69,16 +73,35 @@ def read_records(store: Any, world_size: int) -> dict[int, dict[str, Any]]:
     return records
 
 
-def diagnose(records: dict[int, dict[str, Any]], mine: dict[str, Any]) -> str:
+def diagnose(
+    records: dict[int, dict[str, Any]], mine: dict[str, Any], layout: Layout | None = None
+) -> str:
     """Name the rank that failed first: the earliest that raised, else the end of the chain
-    of ranks that waited on each other."""
+    of ranks that waited on each other (from this rank's record, or else from another
+    rank's that leads to a rank that left none: a collective names no single peer)."""
     records = {**records, mine["rank"]: mine}
     raised = sorted((r for r in records.values() if r["kind"] == "raised"), key=lambda r: r["time"])
     if raised:
         first = raised[0]
-        return f"{stage_name(first['rank'])} failed at {first['where']}: {first['error']}"
-    link = mine
-    seen = {mine["rank"]}
+        return f"{stage_name(first['rank'], layout)} failed at {first['where']}: {first['error']}"
+    chains = [_chain(records, mine, layout)]
+    chains += [
+        _chain(records, r, layout) for r in sorted(records.values(), key=lambda r: r["time"])
+    ]
+    silent = [text for found, text in chains if found]
+    return silent[0] if silent else chains[0][1]
+
+
+def _chain(
+    records: dict[int, dict[str, Any]], start: dict[str, Any], layout: Layout | None
+) -> tuple[bool, str]:
+    """Follow who waited on whom from ``start``; (whether it ends at a silent rank, message)."""
+
+    def name(rank: int) -> str:
+        return stage_name(rank, layout)
+
+    link = start
+    seen = {start["rank"]}
     while link.get("peer") is not None:
         peer = int(link["peer"])
         if peer in records and peer not in seen and records[peer]["kind"] == "lost":
@@ -87,12 +110,12 @@ def diagnose(records: dict[int, dict[str, Any]], mine: dict[str, Any]) -> str:
             continue
         if peer in records:
             break
-        return (
-            f"{stage_name(peer)} stopped without reporting an error (killed, or crashed "
-            f"outside Python) before it sent {link['what']}; {stage_name(link['rank'])} "
+        return True, (
+            f"{name(peer)} stopped without reporting an error (killed, or crashed "
+            f"outside Python) before it sent {link['what']}; {name(link['rank'])} "
             f"was waiting for it at {link['where']} ({link['detail']})"
         )
-    return (
-        f"{stage_name(link['rank'])} lost contact at {link['where']} while waiting for "
+    return False, (
+        f"{name(link['rank'])} lost contact at {link['where']} while waiting for "
         f"{link['what']}: {link['detail']}"
     )

@@ -10,6 +10,7 @@ of each size is preceded by a header (:mod:`timeprest.engine.runtime.wire`).
 from __future__ import annotations
 
 import datetime
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -50,7 +51,8 @@ class P2PTransport:
     ``shapes_in[rows]`` / ``shapes_out[rows]``: the (shape, dtype) of the activation
     of a micro-batch of ``rows`` rows into and out of this stage, as agreed by the
     headers (the gradients have the shape of the activation they belong to). They
-    outlive one ``train()`` call, so the caller owns them.
+    outlive one ``train()`` call, so the caller owns them. ``ranks[s]`` is the global
+    rank of stage s of this rank's replica (default: rank s).
     """
 
     def __init__(
@@ -65,8 +67,10 @@ class P2PTransport:
         timeout: float,
         lookahead: int,
         ordered: bool,
+        ranks: Sequence[int] | None = None,
     ) -> None:
         self.stage = stage
+        self.ranks = list(ranks) if ranks is not None else list(range(lowered.schedule.num_stages))
         schedule = lowered.schedule
         self.num_microbatches = schedule.num_microbatches
         self.backward_unit = schedule.backward_unit
@@ -82,9 +86,9 @@ class P2PTransport:
         self.ordered = ordered
         self.channels: dict[Kind, _Channel] = {}
         if stage > 0:
-            self.channels["act"] = _Channel("act", stage - 1, self.plan.recv["act"])
+            self.channels["act"] = _Channel("act", self.ranks[stage - 1], self.plan.recv["act"])
         if stage < schedule.num_stages - 1:
-            self.channels["grad"] = _Channel("grad", stage + 1, self.plan.recv["grad"])
+            self.channels["grad"] = _Channel("grad", self.ranks[stage + 1], self.plan.recv["grad"])
         self.sent_count: dict[Kind, int] = {"act": 0, "grad": 0}
         # handles (and tensors, which must stay alive) of sends not yet known complete
         self.in_flight: dict[tuple[Kind, Key], list[tuple[Any, Tensor]]] = {}
@@ -197,7 +201,7 @@ class P2PTransport:
         what = self.describe(kind, key)
         if n >= len(seq) or seq[n] != key:
             raise ScheduleError(f"internal: stage {self.stage} sends {what} out of order")
-        peer = self.stage + 1 if kind == "act" else self.stage - 1
+        peer = self.ranks[self.stage + 1 if kind == "act" else self.stage - 1]
         x = x.detach().contiguous()
         rows = self.rows[key[0]][key[1]]
         # an activation must match what we announced for this size; a gradient, the
@@ -238,7 +242,7 @@ class P2PTransport:
     def finish(self) -> None:
         """Wait for every send still in flight (the pipeline is drained)."""
         for (kind, key), sends in list(self.in_flight.items()):
-            peer = self.stage + 1 if kind == "act" else self.stage - 1
+            peer = self.ranks[self.stage + 1 if kind == "act" else self.stage - 1]
             for work, _ in sends:
                 self._wait(work, peer, f"the completion of sending {self.describe(kind, key)}")
         self.in_flight.clear()

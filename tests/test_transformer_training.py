@@ -1,0 +1,169 @@
+"""docs/design.md section 11 on a split GPT: tied embeddings, gradient clipping, bf16 autocast."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from timeprest import Pipeline
+from timeprest.errors import ConfigError
+from timeprest.models.gpt import gpt, lm_loss
+from timeprest.splitting import SplitPlan, apply_plan_untied, plan_split
+from timeprest.stage.weights import Saved, weight_tokens
+
+LR = 0.5
+COUNTS = {2: [2, 2], 3: [1, 2, 1]}
+
+
+def model(tie: bool) -> nn.Module:
+    torch.manual_seed(0)
+    return gpt(block_size=8, n_layer=2, n_head=2, n_embd=8, tie_embeddings=tie).double()
+
+
+def batches(count: int = 3) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    g = torch.Generator().manual_seed(1)
+    rows = [torch.randint(0, 256, (4, 9), generator=g) for _ in range(count)]
+    return [(r[:, :-1], r[:, 1:]) for r in rows]
+
+
+def stages_of(m: nn.Module, w: int) -> tuple[list[nn.Module], list[tuple[tuple[int, str], ...]]]:
+    plan: SplitPlan = plan_split(m, w, COUNTS[w])
+    return apply_plan_untied(m, plan)
+
+
+def plain(m: nn.Module, data, clip=None, groups=None) -> nn.Module:
+    """Plain SGD on the unsplit model; ``clip`` bounds the norm of each of ``groups``."""
+    opt = torch.optim.SGD(m.parameters(), lr=LR)
+    for x, y in data:
+        opt.zero_grad()
+        lm_loss(m(x), y).backward()
+        if clip is not None:
+            for group in groups or [list(m.parameters())]:
+                torch.nn.utils.clip_grad_norm_(group, clip)
+        opt.step()
+    return m
+
+
+def sgd(params):
+    return torch.optim.SGD(params, lr=LR)
+
+
+@pytest.mark.parametrize("tie", [False, True])
+@pytest.mark.parametrize("w", [2, 3])
+@pytest.mark.parametrize("method", ["gpipe", "1f1b"])
+def test_flush_schedules_equal_plain_training(method: str, w: int, tie: bool) -> None:
+    data = batches()
+    ref = plain(model(tie), data)
+    split_model = model(tie)
+    stages, tied = stages_of(split_model, w)
+    assert len(tied) == (1 if tie else 0)
+    if tie:
+        ((first, last),) = tied
+        assert first == (0, "0.tok.weight") and last[0] == w - 1
+    pipe = Pipeline(stages, method=method, num_microbatches=2, optimizer=sgd, loss_fn=lm_loss,
+                    tied=tied)  # fmt: skip
+    for batch in data:  # one update per call: the copies are compared after each
+        pipe.train([batch])
+        if tie:
+            a = stages[0].get_parameter("0.tok.weight")
+            b = stages[-1].get_parameter(tied[0][1][1])
+            assert a is not b and torch.equal(a, b)
+    ref_state, got = ref.state_dict(), split_model.state_dict()
+    for key, value in ref_state.items():
+        assert torch.allclose(got[key], value, rtol=0, atol=1e-10), key
+
+
+def test_tied_embeddings_refuse_asynchronous_schedules() -> None:
+    stages, tied = stages_of(model(True), 2)
+    with pytest.raises(ConfigError, match=r"tied tensor 0.tok.weight of stage 0 and .* stage 1"):
+        Pipeline(stages, method="pipedream", optimizer=sgd, loss_fn=lm_loss, tied=tied)
+
+
+@pytest.mark.parametrize("method", ["gpipe", "1f1b", "v-timeprest", "pipedream"])
+def test_per_stage_clipping_equals_clip_grad_norm_of_each_stage(method: str) -> None:
+    data, clip = batches(1), 0.05
+    ref_model = model(False)
+    ref_stages, _ = stages_of(ref_model, 2)  # shares the model's parameters
+    groups = [list(s.parameters()) for s in ref_stages]
+    ref_model.zero_grad()
+    lm_loss(ref_model(data[0][0]), data[0][1]).backward()
+    assert all(torch.nn.utils.get_total_norm([p.grad for p in g]) > clip for g in groups)
+    ref = model(False)
+    ref_groups = [list(s.parameters()) for s in stages_of(ref, 2)[0]]
+    plain(ref, data, clip, ref_groups)
+    stages, _ = stages_of(model(False), 2)
+    pipe = Pipeline(stages, method=method, num_microbatches=2, optimizer=sgd, loss_fn=lm_loss,
+                    clip_grad_norm=clip)  # fmt: skip
+    pipe.train(data)  # one mini-batch: every method's first update uses the initial weights
+    for got, want in zip(stages, stages_of(ref, 2)[0]):
+        for a, b in zip(got.parameters(), want.parameters()):
+            assert torch.allclose(a, b, rtol=0, atol=1e-10)
+
+
+@pytest.mark.parametrize("tie", [False, True])
+def test_global_clipping_equals_clip_grad_norm_of_the_model(tie: bool) -> None:
+    data, clip = batches(), 0.05
+    ref = plain(model(tie), data, clip)
+    split_model = model(tie)
+    stages, tied = stages_of(split_model, 3)
+    pipe = Pipeline(stages, method="gpipe", num_microbatches=2, optimizer=sgd, loss_fn=lm_loss,
+                    clip_grad_norm=clip, clip_scope="global", tied=tied)  # fmt: skip
+    pipe.train(data)
+    for key, value in ref.state_dict().items():
+        assert torch.allclose(split_model.state_dict()[key], value, rtol=0, atol=1e-10), key
+
+
+def test_clipping_and_precision_errors() -> None:
+    stages, _ = stages_of(model(False), 2)
+    with pytest.raises(ConfigError, match="global gradient clipping needs a flush schedule"):
+        Pipeline(stages, method="v-timeprest", optimizer=sgd, loss_fn=lm_loss,
+                 clip_grad_norm=1.0, clip_scope="global")  # fmt: skip
+    with pytest.raises(ConfigError, match="fp16 needs a CUDA device"):
+        Pipeline(stages, method="gpipe", optimizer=sgd, loss_fn=lm_loss, precision="fp16")
+    with pytest.raises(ConfigError, match="precision must be one of"):
+        Pipeline(stages, method="gpipe", optimizer=sgd, loss_fn=lm_loss, precision="fp8")
+
+
+def test_bf16_backward_reads_the_backward_weights() -> None:
+    """Autocast saves the bf16 cast of the weight; the backward must cast the backward weights."""
+    torch.manual_seed(0)
+    layer = nn.Linear(4, 5, bias=False)
+    x = torch.randn(2, 3, 4, requires_grad=True)
+    w_fwd, w_bwd = torch.randn(5, 4), torch.randn(5, 4)
+    grad_out = torch.randn(2, 3, 5)
+
+    def grads(backward: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        leaf = w_fwd.clone().requires_grad_()
+        saved = Saved(x, None, [leaf], 0, 0)
+        with torch.autograd.graph.saved_tensors_hooks(*weight_tokens(saved, layer)):
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                out = nn.functional.linear(x, leaf)
+        assert out.dtype == torch.bfloat16
+        saved.backward_weights = [backward]
+        dx, dw = torch.autograd.grad(out, [x, leaf], grad_outputs=grad_out.bfloat16())
+        return dx, dw
+
+    bf = torch.bfloat16
+    dx_latest, dw_latest = grads(w_bwd)
+    dx_stashed, dw_stashed = grads(w_fwd)
+    assert not torch.equal(dx_latest, dx_stashed)
+    assert torch.equal(dw_latest, dw_stashed)  # dW reads the saved input, not the weights
+    for dx, w in ((dx_latest, w_bwd), (dx_stashed, w_fwd)):
+        reference = (grad_out.to(bf) @ w.to(bf)).float()
+        assert torch.equal(dx, reference)
+    assert dw_latest.dtype == torch.float32  # the master weight's gradient stays float32
+    assert torch.equal(
+        dw_latest, (grad_out.to(bf).reshape(-1, 5).T @ x.to(bf).reshape(-1, 4)).float()
+    )
+
+
+def test_bf16_pipeline_trains_with_float32_state() -> None:
+    torch.manual_seed(0)
+    m = gpt(block_size=8, n_layer=2, n_head=2, n_embd=8)
+    stages, _ = stages_of(m, 2)
+    pipe = Pipeline(stages, method="pipedream", optimizer=lambda p: torch.optim.AdamW(p, lr=1e-2),
+                    loss_fn=lm_loss, precision="bf16")  # fmt: skip
+    losses = pipe.train(batches(4))
+    assert all(torch.isfinite(torch.tensor(losses))) and losses[-1] < losses[0]
+    assert all(p.dtype == torch.float32 for s in stages for p in s.parameters())
