@@ -24,11 +24,12 @@ DEFAULT_GAMMA = 0.9
 DEFAULT_DC_LAMBDA = 0.04
 """DC-ASGD's constant variance-control lambda (the default of MXNet's DCASGD optimizer)."""
 DEFAULT_GAP_BETA = 0.999
-"""Decay of Gap-Aware's running average of squared steps."""
+"""Decay of Gap-Aware's running average of squared steps (Adam's; not from the paper)."""
 DEFAULT_GAP_EPS = 1e-8
 """Added to C so that it is never 0 (as Adam's epsilon)."""
 DEFAULT_WARMUP = 1000
-"""K of PipeMare's learning-rate rule: updates until the rescaling has faded out."""
+"""K of PipeMare's learning-rate rule: updates until the rescaling has faded out (not
+taken from PipeMare: see docs/design.md section 12)."""
 
 
 def _check_range(what: str, value: float, low: float, high: float) -> None:
