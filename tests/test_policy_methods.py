@@ -26,6 +26,13 @@ def test_presets_match_design_section_6():
         "timeprest": ("nf1b", "vertical", "latest"),
         "v-timeprest": ("nf1b", "live", "latest"),
         "i-timeprest": ("nf1b", "live", "intermediate"),
+        # section 12: the other remedies (their extra parts are checked in test_remedies.py)
+        "weight-prediction": ("nf1b", "predicted", "latest"),
+        "pipemare": ("nf1b", "live", "velocity"),
+        "pipedream-lr": ("nf1b", "live", "stashed"),
+        "dc-asgd": ("nf1b", "live", "stashed"),
+        "gap-aware": ("nf1b", "live", "stashed"),
+        "i-timeprest-velocity": ("nf1b", "live", "intermediate-velocity"),
     }
     assert set(table) == set(METHODS) == set(method_names())
     assert DEFAULT_METHOD in METHODS
@@ -64,7 +71,8 @@ def test_unknown_method_and_schedule_are_config_errors():
 @pytest.mark.parametrize("w", [1, 2, 3, 4])
 def test_resolve_default_microbatches_per_method(method, w):
     r = resolve(method, w, warn=False)
-    want = 1 if method == "pipedream" else w
+    # pipedream and the remedies built on it (docs/design.md section 12) take whole mini-batches
+    want = 1 if method in ("pipedream", "pipedream-lr", "dc-asgd", "gap-aware") else w
     assert r.num_microbatches == default_microbatches(method, w) == want
     assert (r.method, r.num_stages) == (METHODS[method], w)
     assert (r.schedule, r.policy) == resolve_policy(method)

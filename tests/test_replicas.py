@@ -44,7 +44,8 @@ def test_combination_is_row_weighted_in_replica_order() -> None:
     assert replica_seed(5, 0) == 5 and replica_seed(5, 1) != replica_seed(5, 2)
 
 
-@pytest.mark.parametrize("method", timeprest.METHODS)
+# dc-asgd: refused with replicas for now (tests/test_remedies.py)
+@pytest.mark.parametrize("method", [m for m in timeprest.METHODS if m != "dc-asgd"])
 @pytest.mark.parametrize("data_parallel", [2, 3])
 def test_replicas_equal_one_pipeline_on_the_whole_minibatch(
     method: str, data_parallel: int

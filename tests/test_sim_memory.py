@@ -86,7 +86,8 @@ def test_memory_weights_follow_the_version_plan(method, w):
         assert st.peak_weight_bytes == plan.peak_with_transient * 1000
         assert mem.peak_versions == plan.peak_versions
         # at the end only the latest version and the optimizer state remain
-        assert mem.total[-1] == 1000 + 100000
+        # (plus the remedy buffers of docs/design.md section 12, kept all the time)
+        assert mem.total[-1] == 1000 * (1 + plan.extra_buffers) + 100000
         assert mem.optimizer == st.optimizer_state_bytes == 100000
 
 

@@ -33,7 +33,7 @@ def test_simulate_rejects_a_cost_model_of_the_wrong_size():
 def test_default_microbatches_come_from_resolve(method):
     r = sim(method, 4, None, 4)
     assert r.schedule.num_microbatches == resolve(method, 4, warn=False).num_microbatches
-    assert r.schedule.num_microbatches == (1 if method == "pipedream" else 4)
+    assert r.schedule.num_microbatches == (METHODS[method].default_microbatches or 4)
     assert r.schedule.kind == resolve(method, 4, warn=False).schedule
 
 

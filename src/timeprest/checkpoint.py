@@ -108,6 +108,7 @@ def stage_state(runner: StageRunner, minibatches_done: int) -> dict[str, Any]:
         "module": runner.module.state_dict(),
         "optimizer": None if runner.optimizer is None else runner.optimizer.state_dict(),
         "updates": runner.store.latest,
+        "remedies": runner.remedies.state_dict(),  # docs/design.md section 12
         "minibatches_done": minibatches_done,
         "rng": rng_state(),
     }
@@ -232,6 +233,7 @@ def _apply(runner: StageRunner, state: dict[str, Any], path: Path) -> None:
                 f"{path}: the optimizer state does not fit stage {runner.index}'s optimizer "
                 f"(a different optimizer?): {exc}"
             ) from exc
+    runner.remedies.load_state_dict(state.get("remedies") or {})
     runner.store.latest = int(state["updates"])
     runner.store.reset_peaks()
 

@@ -27,12 +27,13 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
+from typing_extensions import Unpack
 
 from timeprest.checkpoint import load_checkpoint, save_checkpoint
 from timeprest.engine.emulator import Emulator
 from timeprest.engine.protocol import Engine, Job, StageSpec
 from timeprest.errors import ConfigError
-from timeprest.policy.methods import DEFAULT_METHOD, resolve
+from timeprest.policy.methods import DEFAULT_METHOD, RemedyOverrides, resolve
 from timeprest.policy.plan import StagePlan, plan_versions
 from timeprest.policy.rules import Significance
 from timeprest.report import MinibatchReport, Report, StageReport, StageStep
@@ -72,12 +73,25 @@ def custom_schedule(text: str, costs: CostSpec = "default") -> Schedule:
     return _from_programs("nf1b" if whole else "custom", programs, n, t, costs)
 
 
+def _remedy_overrides(remedies: RemedyOverrides) -> RemedyOverrides:
+    unknown = sorted(set(remedies) - set(RemedyOverrides.__annotations__))
+    if unknown:
+        raise ConfigError(
+            f"unknown Pipeline argument {unknown[0]!r}: the remedy settings are "
+            f"{', '.join(RemedyOverrides.__annotations__)}"
+        )
+    return remedies
+
+
 class Pipeline:
     """Pipeline-parallel training of ``stages`` with a method's schedule and weight policy.
 
     ``method`` names a preset (docs/design.md section 6; default
     :data:`timeprest.policy.DEFAULT_METHOD`); ``schedule``, ``forward``, ``backward``,
-    ``grad_rule``, ``significance`` and ``decay`` override its parts one by one.
+    ``grad_rule``, ``significance`` and ``decay`` override its parts one by one, and so
+    do the remedies of docs/design.md section 12 (keywords ``correction``,
+    ``lr_rule``, ``gamma``, ``dc_lambda``, ``gap_beta``, ``gap_eps``,
+    ``pipemare_warmup``).
     ``schedule`` is a kind (``gpipe``, ``1f1b``, ``nf1b``, ``2bw``), or a custom
     :class:`~timeprest.schedule.Schedule` or program text (see :func:`custom_schedule`),
     which then runs exactly as given for its number of mini-batches.
@@ -131,6 +145,7 @@ class Pipeline:
         tied: Sequence[Tied] = (),
         data_parallel: int = 1,
         device_mesh: Any = None,
+        **remedies: Unpack[RemedyOverrides],
     ) -> None:
         if isinstance(data_parallel, bool) or not isinstance(data_parallel, int):
             raise ConfigError(f"data_parallel must be an integer >= 1, got {data_parallel!r}")
@@ -185,6 +200,7 @@ class Pipeline:
             grad_rule=grad_rule,
             significance=significance,
             decay=decay,
+            **_remedy_overrides(remedies),
             warn=self._custom is None,
             stacklevel=3,
         )
@@ -222,6 +238,12 @@ class Pipeline:
             self.runners = [
                 self._engine.agreed("building the stage", lambda: runner(*local[0], replica))
             ]
+        if data_parallel > 1 and self.policy.correction.kind == "dc":
+            # g * g of each replica's part is not that of the whole mini-batch (docs/design.md 12)
+            raise ConfigError(
+                "the dc gradient correction is not supported with data_parallel > 1 yet: "
+                "its g * g term needs the replicas' combined gradient"
+            )
         if data_parallel > 1 and (tied or clip_scope == "global"):
             # the group would meet the other stage's gradients before their replicas' sum
             raise ConfigError(
@@ -411,6 +433,7 @@ class Pipeline:
             "grad_rule": self.policy.grad_rule,
             "significance": sig.kind,
             "decay": sig.decay,
+            **self.policy.describe_remedies(),
             "num_stages": self.num_stages,
             "num_microbatches": self.num_microbatches,
             "costs": self.costs.name,

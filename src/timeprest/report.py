@@ -41,6 +41,8 @@ class StageReport:
     peak_activation_bytes: int = 0  # saved tensors of in-flight micro-batches
     optimizer_state_bytes: int = 0
     updates: int = 0  # version counter: updates applied so far
+    extra_buffers: int = 0  # weight-sized remedy buffers (velocity, running average)
+    extra_buffer_bytes: int = 0
 
 
 @dataclass

@@ -10,6 +10,7 @@ from typing import TypedDict, cast
 from typing_extensions import Unpack
 
 from timeprest.errors import ConfigError, MultipleSequenceWarning
+from timeprest.policy.remedies import Correction, CorrectionKind, LrRule, LrRuleKind, Velocity
 from timeprest.policy.rules import (
     BackwardRule,
     ForwardRule,
@@ -73,6 +74,46 @@ METHODS: dict[str, Method] = {
             Policy("live", "intermediate"),
             summary="backward on weights between stale and latest",
         ),
+        # the other remedies for staleness (docs/design.md section 12)
+        Method(
+            "weight-prediction",
+            "nf1b",
+            Policy("predicted", "latest"),
+            summary="forward on weights predicted for the backward's version",
+        ),
+        Method(
+            "pipemare",
+            "nf1b",
+            Policy("live", "velocity", lr_rule=LrRule("pipemare")),
+            summary="velocity-extrapolated backward, delay-scaled learning rate",
+        ),
+        Method(
+            "pipedream-lr",
+            "nf1b",
+            Policy("live", "stashed", lr_rule=LrRule("pipemare")),
+            default_microbatches=1,
+            summary="pipedream with PipeMare's learning rate",
+        ),
+        Method(
+            "dc-asgd",
+            "nf1b",
+            Policy("live", "stashed", correction=Correction("dc")),
+            default_microbatches=1,
+            summary="pipedream with delay-compensated gradients",
+        ),
+        Method(
+            "gap-aware",
+            "nf1b",
+            Policy("live", "stashed", correction=Correction("gap-aware")),
+            default_microbatches=1,
+            summary="pipedream with gap-penalised gradients",
+        ),
+        Method(
+            "i-timeprest-velocity",
+            "nf1b",
+            Policy("live", "intermediate-velocity"),
+            summary="I-TiMePReSt's weight from a velocity, without a stash",
+        ),
     )
 }
 
@@ -94,8 +135,20 @@ def get_method(name: str) -> Method:
         ) from None
 
 
-class Overrides(TypedDict, total=False):
-    """The parts of a method that can be set one by one (docs/design.md section 6)."""
+class RemedyOverrides(TypedDict, total=False):
+    """The remedy parameters that can be set one by one (docs/design.md section 12)."""
+
+    correction: str | None
+    lr_rule: str | None
+    gamma: float | None
+    dc_lambda: float | None
+    gap_beta: float | None
+    gap_eps: float | None
+    pipemare_warmup: int | None
+
+
+class Overrides(RemedyOverrides, total=False):
+    """The parts of a method that can be set one by one (docs/design.md sections 6, 12)."""
 
     schedule: str | None
     forward: str | None
@@ -103,6 +156,29 @@ class Overrides(TypedDict, total=False):
     grad_rule: str | None
     significance: str | Callable[[int], float] | Significance | None
     decay: float | None
+
+
+def _remedies(p: Policy, o: RemedyOverrides) -> Policy:
+    """The remedy parts of ``p`` (docs/design.md section 12) with the overrides applied."""
+    vel, cor, lr = p.velocity, p.correction, p.lr_rule
+    gamma, warmup = o.get("gamma"), o.get("pipemare_warmup")
+    kind = o.get("correction") or cor.kind
+
+    def num(name: str) -> float:
+        value = o.get(name)
+        return float(getattr(cor, name) if value is None else value)  # type: ignore[arg-type]
+
+    return replace(
+        p,
+        velocity=Velocity(float(gamma)) if gamma is not None else vel,
+        correction=Correction(
+            cast(CorrectionKind, kind), num("dc_lambda"), num("gap_beta"), num("gap_eps")
+        ),
+        lr_rule=LrRule(
+            cast(LrRuleKind, o.get("lr_rule") or lr.kind),
+            warmup if warmup is not None else lr.warmup,
+        ),
+    )
 
 
 def resolve_policy(method: str, **overrides: Unpack[Overrides]) -> tuple[str, Policy]:
@@ -128,7 +204,7 @@ def resolve_policy(method: str, **overrides: Unpack[Overrides]) -> tuple[str, Po
         grad_rule=cast(GradRule, grad_rule or p.grad_rule),
         significance=sig,
     )
-    return schedule or m.schedule, p
+    return schedule or m.schedule, _remedies(p, overrides)
 
 
 def warn_multiple_sequence(
@@ -136,9 +212,11 @@ def warn_multiple_sequence(
 ) -> None:
     """Warn when an nF1B method runs with N < W-1 (TiMePReSt's multiple-sequence problem).
 
-    PipeDream is exempt: whole mini-batches (N = 1) are its own design.
+    PipeDream and the methods built on it are exempt: whole mini-batches (N = 1)
+    are their own design.
     """
-    if method != "pipedream" and has_multiple_sequences(schedule, num_stages, num_microbatches):
+    exempt = get_method(method).default_microbatches == 1
+    if not exempt and has_multiple_sequences(schedule, num_stages, num_microbatches):
         warnings.warn(
             f"{method}: {multiple_sequence_message(num_stages, num_microbatches)}",
             MultipleSequenceWarning,

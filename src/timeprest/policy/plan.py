@@ -35,7 +35,10 @@ class StagePlan:
     latest version must be copied, because a later action still reads it.
     ``held[i]``: versions held while action ``i`` runs (a ``U`` that stashes
     counts the copy and the new version); ``transient[i]``: 1 when action
-    ``i`` builds an intermediate weight.
+    ``i`` builds a weight-sized tensor that lives only while it runs (an
+    intermediate or extrapolated backward weight, a predicted forward weight).
+    ``extra_buffers``: weight-sized tensors kept between updates beside the
+    versions (docs/design.md section 12).
     """
 
     stage: int
@@ -46,6 +49,7 @@ class StagePlan:
     stash_at: frozenset[int]
     held: tuple[int, ...]
     transient: tuple[int, ...]
+    extra_buffers: int = 0
 
     @property
     def peak_versions(self) -> int:
@@ -57,6 +61,11 @@ class StagePlan:
 
     def staleness(self, t: int, j: int) -> int:
         return self.backward_version[(t, j)] - self.forward_version[(t, j)]
+
+    def mean_staleness(self, t: int, num_microbatches: int) -> float:
+        """Mean d over the micro-batches of mini-batch t (PipeMare's tau at this stage)."""
+        ds = [self.staleness(t, j) for j in range(num_microbatches)]
+        return sum(ds) / len(ds)
 
 
 def plan_versions(schedule: Schedule, policy: Policy) -> list[StagePlan]:
@@ -78,7 +87,7 @@ def plan_versions(schedule: Schedule, policy: Policy) -> list[StagePlan]:
                 continue
             if a.kind == "F":
                 key = (a.minibatch, a.microbatch or 0)
-                if policy.forward == "live":
+                if policy.forward in ("live", "predicted"):
                     v = k
                 elif policy.forward == "vertical":
                     v = first[key] if s > 0 else k
@@ -107,6 +116,11 @@ def plan_versions(schedule: Schedule, policy: Policy) -> list[StagePlan]:
                 tr = max(tr, int(policy.needs_transient(v, k)))
             reads.append(tuple(sorted(rd)))
             transient.append(tr)
+        if policy.forward == "predicted":  # a prediction is built where its d is not 0
+            for i, a in enumerate(prog):
+                if a.kind == "F":
+                    key = (a.minibatch, a.microbatch or 0)
+                    transient[i] = int(bwd.get(key, fwd[key]) != fwd[key])
         # when is each version last needed, and when is it replaced as the latest?
         last_read: dict[int, int] = {}
         for i, r in enumerate(reads):
@@ -144,6 +158,7 @@ def plan_versions(schedule: Schedule, policy: Policy) -> list[StagePlan]:
                 stash_at=frozenset(stash_at),
                 held=held,
                 transient=tuple(transient),
+                extra_buffers=policy.extra_buffers,
             )
         )
     return plans

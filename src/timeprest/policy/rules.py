@@ -11,14 +11,22 @@ from dataclasses import dataclass, field
 from typing import Literal, cast
 
 from timeprest.errors import ConfigError
+from timeprest.policy.remedies import Correction, LrRule, Velocity
 
-ForwardRule = Literal["live", "vertical", "previous"]
-BackwardRule = Literal["stashed", "latest", "intermediate"]
+ForwardRule = Literal["live", "vertical", "previous", "predicted"]
+BackwardRule = Literal["stashed", "latest", "intermediate", "velocity", "intermediate-velocity"]
 GradRule = Literal["graph", "recompute"]
 SignificanceKind = Literal["exp", "inverse", "callable"]
 
-FORWARD_RULES: tuple[str, ...] = ("live", "vertical", "previous")
-BACKWARD_RULES: tuple[str, ...] = ("stashed", "latest", "intermediate")
+FORWARD_RULES: tuple[str, ...] = ("live", "vertical", "previous", "predicted")
+BACKWARD_RULES: tuple[str, ...] = (
+    "stashed",
+    "latest",
+    "intermediate",
+    "velocity",
+    "intermediate-velocity",
+)
+VELOCITY_RULES: tuple[str, ...] = ("velocity", "intermediate-velocity")
 GRAD_RULES: tuple[str, ...] = ("graph", "recompute")
 SIGNIFICANCE_KINDS: tuple[str, ...] = ("exp", "inverse")
 
@@ -70,12 +78,20 @@ class Significance:
 
 @dataclass(frozen=True)
 class Policy:
-    """Forward rule, backward rule, gradient rule and significance for the backward."""
+    """Forward rule, backward rule, gradient rule and significance for the backward.
+
+    ``velocity``, ``correction`` and ``lr_rule`` are the remedies of docs/design.md
+    section 12 (the velocity's gamma only matters for the velocity backward rules).
+    ``predicted`` forwards read the live version (plus the optimizer's state).
+    """
 
     forward: ForwardRule = "live"
     backward: BackwardRule = "latest"
     grad_rule: GradRule = "graph"
     significance: Significance = Significance()
+    velocity: Velocity = Velocity()
+    correction: Correction = Correction()
+    lr_rule: LrRule = LrRule()
 
     def __post_init__(self) -> None:
         _check_choice("forward rule", self.forward, FORWARD_RULES)
@@ -83,10 +99,20 @@ class Policy:
         _check_choice("gradient rule", self.grad_rule, GRAD_RULES)
 
     def backward_reads(self, v: int, k: int) -> tuple[int, ...]:
-        """Versions the backward of a micro-batch with forward version v reads at version k."""
+        """Versions the backward of a micro-batch with forward version v reads at version k.
+
+        A gradient correction also reads both (it needs ``w_k - w_v``).
+        """
+        reads = self.weight_reads(v, k)
+        if self.correction.active and v != k:
+            return (v, k)
+        return reads
+
+    def weight_reads(self, v: int, k: int) -> tuple[int, ...]:
+        """Versions the backward weights are built from (without a correction's reads)."""
         if self.backward == "stashed" or v == k:
             return (v,)
-        if self.backward == "latest":
+        if self.backward in ("latest", *VELOCITY_RULES):
             return (k,)
         sigma = self.significance(k - v)
         if sigma == 1.0:
@@ -95,9 +121,56 @@ class Policy:
             return (k,)
         return (v, k)
 
+    def velocity_scale(self, d: int) -> float:
+        """c in the backward weights ``w_k - c * delta`` of the velocity rules (0: none)."""
+        if self.backward == "velocity":
+            return float(d)
+        if self.backward == "intermediate-velocity":
+            return self.significance(d) * d if d > 0 else 0.0
+        return 0.0
+
     def needs_transient(self, v: int, k: int) -> bool:
-        """True when the backward builds a new intermediate weight tensor."""
-        return self.backward == "intermediate" and len(self.backward_reads(v, k)) == 2
+        """True when the backward builds a new weight tensor (intermediate or extrapolated)."""
+        if self.backward in VELOCITY_RULES:
+            return self.velocity_scale(k - v) != 0.0
+        return self.backward == "intermediate" and len(self.weight_reads(v, k)) == 2
+
+    @property
+    def extra_buffers(self) -> int:
+        """Weight-sized tensors a stage keeps between updates beside its versions.
+
+        One velocity ``delta`` for the velocity rules, one running average for
+        ``gap-aware``; the optimizer's own state is not counted here.
+        """
+        return int(self.backward in VELOCITY_RULES) + self.correction.buffers
+
+    @property
+    def uses_remedies(self) -> bool:
+        return (
+            self.forward == "predicted"
+            or self.backward in VELOCITY_RULES
+            or self.correction.active
+            or self.lr_rule.kind != "constant"
+        )
+
+    def describe_remedies(self) -> dict[str, object]:
+        """The remedy settings for logs and checkpoints; empty when the policy uses none.
+
+        (Empty for the methods of docs/design.md section 6, so their descriptions and
+        checkpoint hashes stay what they were.)
+        """
+        if not self.uses_remedies:
+            return {}
+        cor, lr = self.correction, self.lr_rule
+        return {
+            "gamma": self.velocity.gamma,
+            "correction": cor.kind,
+            "dc_lambda": cor.dc_lambda,
+            "gap_beta": cor.gap_beta,
+            "gap_eps": cor.gap_eps,
+            "lr_rule": lr.kind,
+            "pipemare_warmup": lr.warmup,
+        }
 
 
 def _check_choice(what: str, value: str, choices: tuple[str, ...]) -> None:

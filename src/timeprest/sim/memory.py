@@ -9,8 +9,10 @@ No second replay: the times come from :func:`timeprest.schedule.replay`
   An update without a stash turns ``v`` into ``v+1`` in place (no new
   bytes); an update that stashes copies ``v`` first, and the copy is freed
   when its last reader (the plan's ``keep_until``) ends.
-- **transient**: one more ``weight_bytes`` while a backward that builds an
-  intermediate weight runs (I-TiMePReSt).
+- **transient**: one more ``weight_bytes`` while an action that builds a
+  weight-sized tensor runs (the plan's ``transient``): a backward on an
+  intermediate or extrapolated weight, a predicted forward (docs/design.md
+  section 12).
 - **activations**: per in-flight micro-batch, ``saved_activation_bytes``
   (rule ``graph``) or the stage input (rule ``recompute``), from the start
   of its forward to the end of the backward that covers it.
@@ -21,6 +23,8 @@ No second replay: the times come from :func:`timeprest.schedule.replay`
   starts; a gradient from its arrival until the backward that reads it
   ends.
 - **optimizer**: ``optimizer_state_bytes``, all the time.
+- **buffers**: the plan's ``extra_buffers`` (a velocity, a running average of
+  steps) times ``weight_bytes``, all the time.
 
 Frees at an instant are applied before allocations at that instant, so the
 value on ``[times[i], times[i+1])`` is what the stage holds in between.
@@ -31,7 +35,7 @@ from __future__ import annotations
 import math
 from collections import defaultdict
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from timeprest.policy import StagePlan
 from timeprest.policy.rules import GradRule
@@ -65,11 +69,13 @@ class MemoryTimeline:
     """Number of stored weight versions."""
     optimizer: int
     """Optimizer state, constant."""
+    buffers: int = 0
+    """Weight-sized remedy buffers kept between updates, constant."""
 
     @property
     def total(self) -> tuple[int, ...]:
         return tuple(
-            w + x + a + k + r + self.optimizer
+            w + x + a + k + r + self.optimizer + self.buffers
             for w, x, a, k, r in zip(
                 self.weights, self.transient, self.activations, self.workspace, self.received
             )
@@ -77,7 +83,7 @@ class MemoryTimeline:
 
     @property
     def peak(self) -> int:
-        return max(self.total, default=self.optimizer)
+        return max(self.total, default=self.optimizer + self.buffers)
 
     @property
     def peak_weight_bytes(self) -> int:
@@ -139,13 +145,13 @@ def memory_timelines(
             else:
                 gone = row[keep].end  # a stashed copy, freed after its last reader
             add(born, gone, "versions", 1)
-        # transient intermediate weights, workspace and received gradients
+        # transient weights, workspace and received gradients
         for i, sl in enumerate(row):
+            if plan.transient[i]:
+                add(sl.start, sl.end, "transient", c.weight_bytes)
             if not sl.action.is_backward:
                 continue
             mbs = sl.action.microbatches(n)
-            if plan.transient[i]:
-                add(sl.start, sl.end, "transient", c.weight_bytes)
             if grad_rule == "recompute":
                 add(sl.start, sl.end, "workspace", c.saved_activation_bytes)
             if s < w - 1:
@@ -168,7 +174,8 @@ def memory_timelines(
                 sender = slot_of[s - 1][sl.action]
                 arrive = sender.end + costs.comm_delay(s - 1, s)
                 add(arrive, sl.start, "received", cost_model.input_bytes_of(s))
-        out.append(_sweep(s, ev, c.weight_bytes, c.optimizer_state_bytes, end))
+        mt = _sweep(s, ev, c.weight_bytes, c.optimizer_state_bytes, end)
+        out.append(replace(mt, buffers=plan.extra_buffers * c.weight_bytes))
     return out
 
 

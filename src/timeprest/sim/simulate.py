@@ -52,6 +52,8 @@ class StageResult:
     peak_activation_bytes: int
     peak_received_bytes: int
     optimizer_state_bytes: int
+    extra_buffers: int
+    """Weight-sized remedy buffers kept between updates (docs/design.md section 12)."""
     staleness: dict[tuple[int, int], int]
     """Degree of staleness ``d = k - v`` of the backward of every micro-batch ``(t, j)``."""
     memory: MemoryTimeline
@@ -163,6 +165,7 @@ class SimResult:
             "peak_activation_bytes": [r.peak_activation_bytes for r in st],
             "peak_received_bytes": [r.peak_received_bytes for r in st],
             "optimizer_state_bytes": [r.optimizer_state_bytes for r in st],
+            "extra_buffers": [r.extra_buffers for r in st],
             "max_staleness": [r.max_staleness for r in st],
             "mean_staleness": [r.mean_staleness for r in st],
             "staleness": [[[t, j, d] for (t, j), d in sorted(r.staleness.items())] for r in st],
@@ -293,6 +296,7 @@ def simulate_schedule(
                 peak_activation_bytes=mem[s].peak_activation_bytes,
                 peak_received_bytes=mem[s].peak_received_bytes,
                 optimizer_state_bytes=c.optimizer_state_bytes,
+                extra_buffers=plan.extra_buffers,
                 staleness={key: plan.staleness(*key) for key in sorted(plan.backward_version)},
                 memory=mem[s],
             )
@@ -397,6 +401,8 @@ def format_text(result: SimResult) -> str:
         vers = str(s.weight_versions)
         if s.weight_versions_with_transient > s.weight_versions:
             vers += "+1"
+        if s.extra_buffers:  # remedy buffers (docs/design.md section 12)
+            vers += f"+{s.extra_buffers}b"
         lines.append(
             f"{s.stage:>5} {s.busy_time:>10.6g} {s.bubble_fraction:>7.3f} "
             f"{s.steady_bubble_fraction:>7.3f} {vers:>8} {s.max_staleness:>5} "

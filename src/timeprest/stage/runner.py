@@ -27,6 +27,7 @@ from timeprest.report import StageReport, StageStep
 from timeprest.schedule.actions import Action
 from timeprest.stage.io import Batches
 from timeprest.stage.precision import autocast
+from timeprest.stage.remedies import StageRemedies
 from timeprest.stage.replicas import GradCombiner, Grads
 from timeprest.stage.weights import (
     Saved,
@@ -78,6 +79,8 @@ class StageRunner:
         self._base_lrs = (
             [float(g["lr"]) for g in self.optimizer.param_groups] if self.optimizer else []
         )
+        # [remedies] buffers of the staleness remedies (docs/design.md section 12)
+        self.remedies = StageRemedies(policy, self.params, self.optimizer)
         first: Tensor | None = next(iter(module.parameters()), None)
         if first is None:
             first = next(iter(module.buffers()), None)
@@ -154,6 +157,9 @@ class StageRunner:
         assert self.plan is not None
         if action.kind == "B":
             self._bw_cache = {}
+            if self.remedies.corrects:  # [remedies] corrected gradients join the update's
+                for grads in self.remedies.flush(self.store.get, self.store.latest):
+                    self._accumulate(grads)
         for v in self._release_at.get(index, ()):
             self.store.release(self.base_version + v)
         if self.action_times is not None:
@@ -190,10 +196,13 @@ class StageRunner:
             x = received.detach().requires_grad_()
         v = self.base_version + self.plan.forward_version[(t, j)]
         weights = self.store.get(v)
+        d = self.plan.staleness(t, j)  # [remedies] a predicted forward aims d versions ahead
         frac = batches.fraction(t, j) if self.is_last else 1.0
         target = batches.target(t, j).to(self.device, non_blocking=True) if self.is_last else None
         sent: Tensor | None = None
         if self.policy.grad_rule == "recompute":
+            weights, extra = self.remedies.predicted(weights, d)
+            self.store.observe(extra)
             with torch.no_grad(), self._rng(t, j), autocast(self.device, self.precision):
                 out = self._checked_call(weights, x)
                 if self.is_last:
@@ -205,14 +214,16 @@ class StageRunner:
                 sent = out.detach()
         else:
             leaves = [w.detach().requires_grad_() for w in weights]
+            reads, extra = self.remedies.predicted(leaves, d)
+            self.store.observe(extra)
             saved = Saved(x if not self.is_first else None, None, leaves, v, 0)
-            hooks = weight_tokens(saved, self.module)
+            hooks = weight_tokens(saved, self.module, reads)
             with (
                 torch.autograd.graph.saved_tensors_hooks(*hooks),
                 self._rng(t, j),
                 autocast(self.device, self.precision),
             ):
-                out = self._checked_call(leaves, x)
+                out = self._checked_call(reads, x)
                 if self.is_last:
                     loss = self._loss(out, target, t, j)
                     out = loss * frac
@@ -300,11 +311,10 @@ class StageRunner:
             assert saved.out is not None
             res = torch.autograd.grad(saved.out, inputs, grad_outputs=grad_out, allow_unused=True)
             grads, dx = list(res[: len(saved.leaves)]), (res[-1] if want_dx else None)
-        for i, g in enumerate(grads):
-            if g is None:
-                continue
-            acc = self._grads[i]
-            self._grads[i] = g if acc is None else acc.add_(g)
+        if self.remedies.corrects and v != k:  # [remedies] corrected when the action ends
+            self.remedies.defer(v, grads)
+        else:
+            self._accumulate(grads)
         if want_dx and dx is None:
             assert saved.x is not None
             dx = torch.zeros_like(saved.x)
@@ -316,9 +326,18 @@ class StageRunner:
         step.relative_distance += (dist - step.relative_distance) / n_done
         return dx if want_dx else None
 
+    def _accumulate(self, grads: list[Tensor | None]) -> None:
+        for i, g in enumerate(grads):
+            if g is None:
+                continue
+            acc = self._grads[i]
+            self._grads[i] = g if acc is None else acc.add_(g)
+
     def _backward_weights(self, v: int, k: int) -> tuple[list[Tensor], int]:
         """The backward weights of a micro-batch with forward version v at version k."""
-        reads = self.policy.backward_reads(v - self.base_version, k - self.base_version)
+        if self.policy.velocity_scale(k - v) != 0.0:  # [remedies] w_k - c * delta
+            return self.remedies.velocity_weights(self.store.get(k), k - v)
+        reads = self.policy.weight_reads(v - self.base_version, k - self.base_version)
         if len(reads) == 1:
             return self.store.get(self.base_version + reads[0]), 0
         sigma = self.policy.significance(k - v)
@@ -381,23 +400,28 @@ class StageRunner:
         if self.update_group is not None:  # tied copies summed, the global norm clipped
             grads = self.update_group.gradients(self.index, self.base_minibatch + t, grads)
         if self.optimizer is not None:
-            if self.lr_lambda is not None:
-                factor = self.lr_lambda(self.base_minibatch + t)
+            lr_rule = self.policy.lr_rule  # [remedies] PipeMare's per-stage learning rate
+            if self.lr_lambda is not None or lr_rule.kind != "constant":
+                factor = self.lr_lambda(self.base_minibatch + t) if self.lr_lambda else 1.0
+                tau = self.plan.mean_staleness(t, self.num_microbatches)
+                factor *= lr_rule.factor(self.base_minibatch + t, tau)
                 for group, base in zip(self.optimizer.param_groups, self._base_lrs):
                     group["lr"] = base * factor
             for p, g in zip(self.params, grads):
                 p.grad = g
             if self.clip_norm is not None:
                 torch.nn.utils.clip_grad_norm_(self.params, self.clip_norm)
+            self.remedies.before_step(grads)  # [remedies] the step is measured
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
+            self.remedies.after_step(grads)
         self._grads = [None] * len(self.params)
         self.store.advance()
         self.store.observe()
 
     # -- figures -----------------------------------------------------------------
     def optimizer_state_bytes(self) -> int:
-        return optimizer_state_bytes(self.optimizer)
+        return optimizer_state_bytes(self.optimizer) + self.remedies.direction_bytes
 
     def report(self) -> StageReport:
         """This stage's memory figures and version counter (docs/design.md section 8)."""
@@ -409,4 +433,6 @@ class StageRunner:
             peak_activation_bytes=self.peak_activation_bytes,
             optimizer_state_bytes=self.optimizer_state_bytes(),
             updates=self.store.latest,
+            extra_buffers=self.remedies.buffers,
+            extra_buffer_bytes=self.remedies.buffer_bytes,
         )

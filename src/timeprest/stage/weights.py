@@ -100,22 +100,27 @@ class Saved:
     """Backward weights cast for autocast, made once per (weight, dtype) at the backward."""
 
 
-def _cast_of(t: Tensor) -> Tensor | None:
-    """The leaf ``t`` is a dtype cast of (``leaf.to(dtype)``, autocast's), else None."""
+def _cast_input(t: Tensor) -> Any:
+    """The autograd node whose output ``t`` is a dtype cast of (autocast's), else None."""
     fn = t.grad_fn
     if fn is None or type(fn).__name__ != "ToCopyBackward0" or not fn.next_functions:
         return None
-    source = fn.next_functions[0][0]
-    variable = getattr(source, "variable", None)
-    return variable if isinstance(variable, Tensor) else None
+    return fn.next_functions[0][0]
 
 
 def weight_tokens(
-    saved: Saved, module: nn.Module
+    saved: Saved, module: nn.Module, reads: Sequence[Tensor] | None = None
 ) -> tuple[Callable[[Tensor], Any], Callable[[Any], Tensor]]:
-    """The pack/unpack pair: weight reads become tokens; other saved bytes are counted."""
+    """The pack/unpack pair: weight reads become tokens; other saved bytes are counted.
+
+    ``reads``: the tensors the forward runs on, when they are not the leaves
+    themselves (a predicted forward computes them from the leaves).
+    """
+    # ints only: the closures live as long as the graph and must not keep predicted weights
     storages = {
-        w.untyped_storage().data_ptr(): i for i, w in enumerate(saved.leaves) if w.numel() > 0
+        w.untyped_storage().data_ptr(): (i, w.device, w.storage_offset())
+        for i, w in enumerate(saved.leaves if reads is None else reads)
+        if w.numel() > 0
     }
     # Buffers (BatchNorm running statistics) are updated in place by every
     # forward; autograd saves them although a training-mode backward does
@@ -123,21 +128,26 @@ def weight_tokens(
     # or the next micro-batch's forward would trip autograd's version check.
     buffers = {b.untyped_storage().data_ptr(): b for b in module.buffers() if b.numel() > 0}
     leaf_index = {id(w): i for i, w in enumerate(saved.leaves)}
+    # casts of predicted weights (computed from the leaves) are weight reads too
+    node_index = {id(w.grad_fn): i for i, w in enumerate(reads or ()) if w.grad_fn is not None}
     counted: set[int] = set()
 
     def pack(t: Tensor) -> Any:
         ptr = t.untyped_storage().data_ptr() if t.numel() > 0 else 0
-        i = storages.get(ptr)
-        if i is not None and t.device == saved.leaves[i].device:
-            leaf = saved.leaves[i]
-            return ("w", i, t.size(), t.stride(), t.storage_offset() - leaf.storage_offset())
+        found = storages.get(ptr)
+        if found is not None and t.device == found[1]:
+            i, _, offset = found
+            return ("w", i, t.size(), t.stride(), t.storage_offset() - offset)
         if ptr in buffers:
             return ("b", buffers[ptr])
         base = t if t._base is None else t._base
-        source = _cast_of(base)
-        if source is not None and id(source) in leaf_index:
-            offset = t.storage_offset() - base.storage_offset()
-            return ("c", leaf_index[id(source)], base.dtype, t.size(), t.stride(), offset)
+        node = _cast_input(base)
+        if node is not None:
+            variable = getattr(node, "variable", None)  # a leaf's
+            k = leaf_index.get(id(variable)) if variable is not None else node_index.get(id(node))
+            if k is not None:
+                offset = t.storage_offset() - base.storage_offset()
+                return ("c", k, base.dtype, t.size(), t.stride(), offset)
         if ptr not in counted and ptr != 0:
             counted.add(ptr)
             saved.activation_bytes += t.untyped_storage().nbytes()

@@ -17,19 +17,38 @@ from typing import Any, Literal
 
 from timeprest.errors import ConfigError
 from timeprest.policy import DEFAULT_METHOD, Resolved, get_method, resolve
+from timeprest.policy.remedies import CORRECTIONS, LR_RULES
 from timeprest.policy.rules import BACKWARD_RULES, FORWARD_RULES, GRAD_RULES, SIGNIFICANCE_KINDS
 from timeprest.schedule import SCHEDULE_KINDS
 from timeprest.schedule.costs import COST_MODES
 
-OPTIMIZERS = ("sgd", "adam", "adamw")
+OPTIMIZERS = ("sgd", "adam", "adamw", "nadam")
 LR_SCHEDULES = ("constant", "cosine")
 DEVICES = ("cpu", "cuda")
 ENGINES = ("emulate", "distributed")
 PRECISIONS = ("fp32", "bf16", "fp16")
 CLIP_SCOPES = ("stage", "global")
 
+# the staleness remedies' settings (docs/design.md section 12), as policy.resolve() names them
+REMEDY_OVERRIDES = (
+    "correction",
+    "lr_rule",
+    "gamma",
+    "dc_lambda",
+    "gap_beta",
+    "gap_eps",
+    "pipemare_warmup",
+)
 # the fields that override parts of a method's preset, as policy.resolve() names them
-POLICY_OVERRIDES = ("schedule", "forward", "backward", "grad_rule", "significance", "decay")
+POLICY_OVERRIDES = (
+    "schedule",
+    "forward",
+    "backward",
+    "grad_rule",
+    "significance",
+    "decay",
+    *REMEDY_OVERRIDES,
+)
 
 Group = Literal["data and model", "pipeline", "optimisation", "execution"]
 
@@ -113,6 +132,23 @@ class TrainConfig:
     decay: float | None = option(
         None, "lambda of the significance function (default 1.0)", "pipeline"
     )
+    correction: str | None = option(
+        None, "override the stale-gradient correction", "pipeline", choices=CORRECTIONS
+    )
+    lr_rule: str | None = option(
+        None, "override the per-stage learning-rate rule", "pipeline", choices=LR_RULES
+    )
+    gamma: float | None = option(None, "decay of the weight velocity (default 0.9)", "pipeline")
+    dc_lambda: float | None = option(None, "lambda of the DC correction (default 0.04)", "pipeline")
+    gap_beta: float | None = option(
+        None, "decay of Gap-Aware's step average (default 0.999)", "pipeline"
+    )
+    gap_eps: float | None = option(
+        None, "epsilon added to Gap-Aware's C (default 1e-8)", "pipeline"
+    )
+    pipemare_warmup: int | None = option(
+        None, "updates K until PipeMare's rate rule fades (default 1000)", "pipeline"
+    )
     costs: str = option(
         "default", "cost mode that orders asynchronous schedules", "pipeline", choices=COST_MODES
     )
@@ -132,7 +168,9 @@ class TrainConfig:
         "optimisation",
         choices=OPTIMIZERS,
     )
-    momentum: float = option(0.9, "SGD momentum (ignored by adam/adamw)", "optimisation")
+    momentum: float = option(
+        0.9, "SGD momentum; nadam's beta1 (ignored by adam/adamw)", "optimisation"
+    )
     weight_decay: float = option(0.0, "weight decay", "optimisation")
     warmup_epochs: float = option(
         0.0, "linear learning-rate warm-up, in epochs (fractions allowed)", "optimisation"
@@ -317,12 +355,7 @@ RUN_IDENTITY = (
     "method",
     "stages",
     "microbatches",
-    "schedule",
-    "forward",
-    "backward",
-    "grad_rule",
-    "significance",
-    "decay",
+    *POLICY_OVERRIDES,
     "costs",
     "balance",
     "batch_size",

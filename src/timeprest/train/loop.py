@@ -78,6 +78,14 @@ def make_optimizer(
             )
         if cfg.optimizer == "adam":
             return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        if cfg.optimizer == "nadam":  # with pipedream: the Nesterov method (docs/design.md 12)
+            return torch.optim.NAdam(
+                params,
+                lr=cfg.lr,
+                betas=(cfg.momentum, 0.999),
+                weight_decay=cfg.weight_decay,
+                decoupled_weight_decay=True,
+            )
         decay = [p for p in params if id(p) not in no_decay]
         plain = [p for p in params if id(p) in no_decay]
         groups = [{"params": decay, "weight_decay": cfg.weight_decay}]
