@@ -156,7 +156,9 @@ def main() -> None:
     p.add_argument("--methods", default="gpipe,pipedream,v-timeprest,i-timeprest")
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--stages", type=int, default=4)
-    p.add_argument("--microbatches", type=int, default=4)
+    p.add_argument(
+        "--microbatches", type=int, default=None, help="N (default: each method's own: W, or 1)"
+    )
     p.add_argument("--epochs", type=int, default=1)
     p.add_argument("--windows", type=int, default=9600, help="training windows per epoch")
     p.add_argument("--val-windows", type=int, default=640)
@@ -181,7 +183,7 @@ def main() -> None:
             "run_dir": str(out / m / f"seed{seed}"),
             "model_opt": args.model_opt,
             "stages": args.stages,
-            "microbatches": 1 if m == "pipedream" else args.microbatches,
+            "microbatches": args.microbatches,
             "epochs": args.epochs,
             "windows": args.windows,
             "val_windows": args.val_windows,
@@ -195,7 +197,7 @@ def main() -> None:
     ]
     print(
         f"{len(jobs)} runs: {', '.join(methods)} x seeds {seeds}; W={args.stages}, "
-        f"N={args.microbatches} (pipedream 1), {args.windows} windows x {args.epochs} epoch(s), "
+        f"N={args.microbatches or 'each method default'}, {args.windows} windows x {args.epochs} epoch(s), "
         f"batch {args.batch_size}, lr {args.lr}; python {sys.version.split()[0]}, "
         f"{platform.machine()}, {os.cpu_count()} cores",
         flush=True,
