@@ -498,7 +498,7 @@ def test_parameters_are_restored_when_a_forward_fails():
 def test_receive_waits_are_counted_while_actions_are_timed(monkeypatch):
     """recv_seconds adds up the time spent in the transport's receives, only while
     action_times is set: stage 1 receives 3 x 2 activations, stage 0 as many gradients."""
-    from timeprest.engine.emulator import CheckingMailbox
+    from timeprest.engine.mailbox import CheckingMailbox
 
     def slow(recv):
         def wrapped(self, op):

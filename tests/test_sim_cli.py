@@ -162,3 +162,16 @@ def test_simulate_message_overhead(capsys):
     assert plain == pytest.approx(15.0)
     assert 15.0 < json.loads(out)["time_per_minibatch"] <= 25.0
     _one_line_error(*run(capsys, *base, "--message-overhead", "-1"), "--message-overhead")
+
+
+def test_remedy_flags_reach_the_simulator(capsys) -> None:
+    """`--correction gap-aware` on pipedream simulates what the gap-aware preset does
+    (a regression: the simulator once kept only the forward/backward rules)."""
+    base = ("simulate", "--stages", "3", "--format", "json")
+    rc, out, _ = run(capsys, *base, "--method", "pipedream", "--correction", "gap-aware")
+    assert rc == 0
+    flagged = json.loads(out)
+    rc, out, _ = run(capsys, *base, "--method", "gap-aware")
+    preset = json.loads(out)
+    assert flagged["extra_buffers"] == preset["extra_buffers"] == [1, 1, 1]
+    assert flagged["policy"] == preset["policy"]

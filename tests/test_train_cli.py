@@ -398,3 +398,15 @@ def test_epoch_rows_average_every_minibatch_record(tmp_path: Path, extra: list[s
         assert row["mean_staleness"][0] > 0
         dist = [r["relative_distance"][0] for r in mine]
         assert row["mean_relative_distance"][0] == pytest.approx(sum(dist) / len(dist))
+
+
+def test_a_last_minibatch_too_short_for_the_replicas_is_refused_up_front(tmp_path: Path) -> None:
+    """33 rows in mini-batches of 16 leave 1 row for 2 replicas x 2 micro-batches: an error
+    before the first step, not a failure in the middle of the epoch."""
+    rc, _, err = run_cli(
+        "train", "--dataset", "synthetic:train=33,test=16", "--model", "mlp", "--stages", "2",
+        "--batch-size", "16", "--microbatches", "2", "--data-parallel", "2", "--no-progress",
+        "--run-dir", str(tmp_path / "run"),
+    )  # fmt: skip
+    assert_one_line_error(rc, err, "last mini-batch of each epoch has 1 rows")
+    assert not (tmp_path / "run" / "minibatches.jsonl").exists()

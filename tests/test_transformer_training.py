@@ -167,3 +167,23 @@ def test_bf16_pipeline_trains_with_float32_state() -> None:
     losses = pipe.train(batches(4))
     assert all(torch.isfinite(torch.tensor(losses))) and losses[-1] < losses[0]
     assert all(p.dtype == torch.float32 for s in stages for p in s.parameters())
+
+
+def test_adamw_leaves_norms_biases_and_embeddings_undecayed() -> None:
+    """Language models: one AdamW per stage, two groups; the group without weight decay
+    holds exactly the norm weights, the biases and the embeddings."""
+    from timeprest import split
+    from timeprest.train import TrainConfig
+    from timeprest.train.loop import make_optimizer, no_decay_ids
+
+    torch.manual_seed(0)
+    stages = split(gpt(n_layer=2, n_head=2, n_embd=16, block_size=8), 2)
+    build = make_optimizer(TrainConfig(optimizer="adamw", weight_decay=0.1), no_decay_ids(stages))
+    for stage in stages:
+        opt = build([p for p in stage.parameters()])
+        decayed = {id(p) for g in opt.param_groups if g["weight_decay"] > 0 for p in g["params"]}
+        plain = {id(p) for g in opt.param_groups if g["weight_decay"] == 0 for p in g["params"]}
+        for module in stage.modules():
+            for name, p in module.named_parameters(recurse=False):
+                exempt = isinstance(module, (nn.LayerNorm, nn.Embedding)) or name == "bias"
+                assert (id(p) in plain) == exempt and (id(p) in decayed) != exempt, (module, name)

@@ -37,9 +37,12 @@ from timeprest.policy.methods import DEFAULT_METHOD, RemedyOverrides, resolve
 from timeprest.policy.plan import StagePlan, plan_versions
 from timeprest.policy.rules import Significance
 from timeprest.report import MinibatchReport, Report, StageReport, StageStep
-from timeprest.schedule.actions import parse_program
-from timeprest.schedule.builders import SCHEDULE_KINDS, Schedule, build_schedule
-from timeprest.schedule.builders import schedule_from_programs as _from_programs
+from timeprest.schedule.builders import (
+    SCHEDULE_KINDS,
+    Schedule,
+    build_schedule,
+    schedule_from_text,
+)
 from timeprest.schedule.costs import CostSpec, resolve_costs
 from timeprest.schedule.lower import Lowered, lower
 from timeprest.stage import LossFn, Minibatch, OptimizerFactory, StageRunner
@@ -51,26 +54,6 @@ if TYPE_CHECKING:
     from timeprest.engine.runtime.layout import Layout
 
 ENGINES = ("emulate", "distributed")
-
-
-def custom_schedule(text: str, costs: CostSpec = "default") -> Schedule:
-    """A schedule from program text: one line per stage, actions separated by spaces.
-
-    ``B{t}`` (a whole mini-batch's backward) makes it an nF1B-style program; ``B{t}.{j}``
-    a per-micro-batch one. N and T are read off the actions; the programs are validated.
-    """
-    lines = [ln for ln in text.strip().splitlines() if ln.strip()]
-    try:
-        programs = [parse_program(ln.split("|")[-1]) for ln in lines]
-    except Exception as exc:
-        raise ConfigError(f"cannot read the schedule text: {exc}") from None
-    actions = [a for prog in programs for a in prog]
-    if not actions:
-        raise ConfigError("the schedule text holds no actions")
-    n = 1 + max((a.microbatch or 0) for a in actions)
-    t = 1 + max(a.minibatch for a in actions)
-    whole = any(a.kind == "B" and a.microbatch is None for a in actions)
-    return _from_programs("nf1b" if whole else "custom", programs, n, t, costs)
 
 
 def _remedy_overrides(remedies: RemedyOverrides) -> RemedyOverrides:
@@ -93,7 +76,7 @@ class Pipeline:
     ``lr_rule``, ``gamma``, ``dc_lambda``, ``gap_beta``, ``gap_eps``,
     ``pipemare_warmup``).
     ``schedule`` is a kind (``gpipe``, ``1f1b``, ``nf1b``, ``2bw``), or a custom
-    :class:`~timeprest.schedule.Schedule` or program text (see :func:`custom_schedule`),
+    :class:`~timeprest.schedule.Schedule` or program text (see :func:`timeprest.schedule.schedule_from_text`),
     which then runs exactly as given for its number of mini-batches.
     ``optimizer`` is called once per stage with that stage's trainable parameters.
     ``loss_fn(output, target)`` returns the mean loss of a micro-batch. ``costs``
@@ -147,9 +130,8 @@ class Pipeline:
         device_mesh: Any = None,
         **remedies: Unpack[RemedyOverrides],
     ) -> None:
-        if isinstance(data_parallel, bool) or not isinstance(data_parallel, int):
-            raise ConfigError(f"data_parallel must be an integer >= 1, got {data_parallel!r}")
-        if data_parallel < 1:
+        bad = isinstance(data_parallel, bool) or not isinstance(data_parallel, int)
+        if bad or data_parallel < 1:
             raise ConfigError(f"data_parallel must be an integer >= 1, got {data_parallel!r}")
         if device_mesh is not None and engine != "distributed":
             raise ConfigError("device_mesh is for engine='distributed'")
@@ -179,7 +161,7 @@ class Pipeline:
         self._custom: Schedule | None = None
         if isinstance(schedule, str) and schedule not in SCHEDULE_KINDS and schedule.strip():
             if any(ch.isdigit() for ch in schedule):  # program text, not a kind's name
-                schedule = custom_schedule(schedule, costs)
+                schedule = schedule_from_text(schedule, costs)
         if isinstance(schedule, Schedule):
             self._custom = schedule
             if schedule.num_stages != w:
@@ -244,18 +226,19 @@ class Pipeline:
                 "the dc gradient correction is not supported with data_parallel > 1 yet: "
                 "its g * g term needs the replicas' combined gradient"
             )
-        if data_parallel > 1 and (tied or clip_scope == "global"):
-            # the group would meet the other stage's gradients before their replicas' sum
-            raise ConfigError(
-                "tied tensors and --clip-scope global are not supported with data_parallel > 1 "
-                "yet: use data_parallel=1, or per-stage clipping without tied tensors"
-            )
         # docs/design.md section 11: autocast, clipping, tied tensors' gradients summed
         for replica_runners in (self.runners, *self._replicas):
             attach_update_rules(
                 replica_runners, precision=precision, clip_grad_norm=clip_grad_norm,
                 clip_scope=clip_scope, tied=tied, schedule=self.schedule_kind, engine=engine,
             )  # fmt: skip
+        global_norm = clip_scope == "global" and clip_grad_norm is not None
+        if data_parallel > 1 and (tied or global_norm):
+            # the group would meet the other stage's gradients before their replicas' sum
+            raise ConfigError(
+                "tied tensors and --clip-scope global are not supported with data_parallel > 1 "
+                "yet: use data_parallel=1, or per-stage clipping without tied tensors"
+            )
         self.report = Report(stages=[StageReport(s) for s in range(w)])
         for r in self.runners:
             self.report.stages[r.index] = r.report()
@@ -350,17 +333,13 @@ class Pipeline:
             raise ConfigError(
                 f"mini-batch {t}: input has {x.shape[0]} rows but target has {y.shape[0]}"
             )
-        if x.shape[0] < self.num_microbatches * self.data_parallel:
-            if self.data_parallel > 1:
-                raise ConfigError(
-                    f"mini-batch {t} has {x.shape[0]} rows, fewer than the "
-                    f"{self.data_parallel} replicas x {self.num_microbatches} micro-batches: "
-                    "lower data_parallel or num_microbatches, or raise the batch size"
-                )
+        n, d = self.num_microbatches, self.data_parallel
+        if x.shape[0] < n * d:
+            parts = f"{d} replicas x {n} micro-batches" if d > 1 else f"{n} micro-batches"
+            fix = "data_parallel or num_microbatches" if d > 1 else "num_microbatches"
             raise ConfigError(
-                f"mini-batch {t} has {x.shape[0]} rows, fewer than the "
-                f"{self.num_microbatches} micro-batches: lower num_microbatches or "
-                "raise the batch size"
+                f"mini-batch {t} has {x.shape[0]} rows, fewer than the {parts}: lower {fix} "
+                "or raise the batch size"
             )
         return (x, y)
 

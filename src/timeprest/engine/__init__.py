@@ -1,7 +1,8 @@
 """Engines that execute lowered programs: the single-process emulator and the distributed runtime."""
 
-from timeprest.engine.emulator import CheckingMailbox, Emulator, run_emulated
+from timeprest.engine.emulator import Emulator, run_emulated
 from timeprest.engine.executor import StageExecutor, Transport
+from timeprest.engine.mailbox import CheckingMailbox, drive
 from timeprest.engine.protocol import Engine, Job, Outcome
 
 __all__ = [
@@ -11,6 +12,7 @@ __all__ = [
     "Job",
     "Outcome",
     "StageExecutor",
+    "drive",
     "Transport",
     "run_emulated",
 ]

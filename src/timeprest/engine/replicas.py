@@ -17,8 +17,8 @@ from collections.abc import Callable, Sequence
 from torch import Tensor
 
 from timeprest.engine.executor import StageExecutor, Transport
+from timeprest.engine.mailbox import CheckingMailbox, drive
 from timeprest.engine.protocol import Job, Outcome
-from timeprest.errors import ScheduleError
 from timeprest.schedule.lower import Lowered, Op
 from timeprest.stage import Minibatch, StageRunner, StreamedBatches
 from timeprest.stage.replicas import (
@@ -28,9 +28,6 @@ from timeprest.stage.replicas import (
     combine_losses,
     part_weights,
 )
-
-# the emulator's checking mailbox, given by the emulator (which imports this module)
-MailboxFactory = Callable[[str], Transport]
 
 
 class _GatedMailbox:
@@ -66,31 +63,24 @@ def _as_checked(t: int, batch: object) -> Minibatch:
 
 
 def run_lockstep(
-    lowered: Lowered,
-    copies: Sequence[Sequence[StageRunner]],
-    sources: Sequence[StreamedBatches],
-    mailbox_factory: MailboxFactory,
+    lowered: Lowered, copies: Sequence[Sequence[StageRunner]], sources: Sequence[StreamedBatches]
 ) -> None:
     """Run the programs of every replica to the end, updates held for the slowest copy."""
     w = len(lowered.programs)
     grid: list[list[StageExecutor]] = [[] for _ in range(w)]  # per stage: one per replica
     executors: list[StageExecutor] = []
+    mailboxes: list[CheckingMailbox] = []
     for r, (runners, source) in enumerate(zip(copies, sources)):
-        mailbox = mailbox_factory(lowered.schedule.backward_unit)
+        mailbox = CheckingMailbox(lowered.schedule.backward_unit)
+        mailboxes.append(mailbox)
         for s, (ops, runner) in enumerate(zip(lowered.programs, runners)):
             ex = StageExecutor(ops, runner, _GatedMailbox(mailbox, grid[s], r), source)
             grid[s].append(ex)
             executors.append(ex)
-    while not all(ex.done for ex in executors):
-        progressed = False
-        for ex in executors:
-            progressed = ex.run() or progressed
-        if not progressed:
-            stuck = [f"stage {ex.runner.index} at {ex.current}" for ex in executors if not ex.done]
-            raise ScheduleError("the replicas deadlock: " + "; ".join(stuck[:4]))
+    drive(executors, mailboxes)
 
 
-def run_replicas(job: Job, mailbox_factory: MailboxFactory) -> Outcome:
+def run_replicas(job: Job) -> Outcome:
     """The emulator's :meth:`run` for ``D = 1 + len(job.replicas)`` replicas."""
     copies = [list(job.runners), *[list(rs) for rs in job.replicas]]
     d = len(copies)
@@ -133,7 +123,7 @@ def run_replicas(job: Job, mailbox_factory: MailboxFactory) -> Outcome:
     for r, c in enumerate(copies):
         c[-1].on_loss = collector(r)
     try:
-        run_lockstep(lowered, copies, sources, mailbox_factory)
+        run_lockstep(lowered, copies, sources)
     finally:
         for c in copies:
             c[-1].on_loss = None

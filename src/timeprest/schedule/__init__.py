@@ -10,6 +10,7 @@ from timeprest.schedule.builders import (
     backward_unit_of,
     build_schedule,
     schedule_from_programs,
+    schedule_from_text,
 )
 from timeprest.schedule.costs import COST_MODES, Costs, resolve_costs
 from timeprest.schedule.deps import deps, expected_actions
@@ -40,5 +41,6 @@ __all__ = [
     "replay",
     "resolve_costs",
     "schedule_from_programs",
+    "schedule_from_text",
     "validate",
 ]

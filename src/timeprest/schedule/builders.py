@@ -18,7 +18,7 @@ import warnings
 from dataclasses import dataclass
 
 from timeprest.errors import ConfigError, MultipleSequenceWarning, ScheduleError
-from timeprest.schedule.actions import Action
+from timeprest.schedule.actions import Action, parse_program
 from timeprest.schedule.costs import Costs, CostSpec, resolve_costs
 from timeprest.schedule.deps import BackwardUnit, deps
 from timeprest.schedule.grid import format_grid
@@ -261,3 +261,23 @@ def schedule_from_programs(
         tuple(tuple(p) for p in programs),
         resolve_costs(costs, w),
     )
+
+
+def schedule_from_text(text: str, costs: CostSpec = "default") -> Schedule:
+    """A schedule from program text: one line per stage, actions separated by spaces.
+
+    ``B{t}`` (a whole mini-batch's backward) makes it an nF1B-style program; ``B{t}.{j}``
+    a per-micro-batch one. N and T are read off the actions; the programs are validated.
+    """
+    lines = [ln for ln in text.strip().splitlines() if ln.strip()]
+    try:
+        programs = [parse_program(ln.split("|")[-1]) for ln in lines]
+    except Exception as exc:
+        raise ConfigError(f"cannot read the schedule text: {exc}") from None
+    actions = [a for prog in programs for a in prog]
+    if not actions:
+        raise ConfigError("the schedule text holds no actions")
+    n = 1 + max((a.microbatch or 0) for a in actions)
+    t = 1 + max(a.minibatch for a in actions)
+    whole = any(a.kind == "B" and a.microbatch is None for a in actions)
+    return schedule_from_programs("nf1b" if whole else "custom", programs, n, t, costs)

@@ -341,12 +341,20 @@ def simulate(
     what a badly ordered schedule costs).
     """
     overrides: dict[str, Any] = {}
-    if policy is not None:
+    if policy is not None:  # every part of it, the remedies' too (docs/design.md section 12)
+        c = policy.correction
         overrides = {
             "forward": policy.forward,
             "backward": policy.backward,
             "grad_rule": policy.grad_rule,
             "significance": policy.significance,
+            "gamma": policy.velocity.gamma,
+            "correction": c.kind,
+            "dc_lambda": c.dc_lambda,
+            "gap_beta": c.gap_beta,
+            "gap_eps": c.gap_eps,
+            "lr_rule": policy.lr_rule.kind,
+            "pipemare_warmup": policy.lr_rule.warmup,
         }
     res = resolve(method, num_stages, num_microbatches, schedule=schedule, **overrides)
     cm = CostModel.uniform(num_stages) if cost_model is None else cost_model

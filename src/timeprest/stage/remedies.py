@@ -28,7 +28,7 @@ from torch import Tensor, nn
 
 from timeprest.errors import ConfigError
 from timeprest.policy.rules import VELOCITY_RULES, Policy
-from timeprest.stage.replicas import Grads
+from timeprest.stage.weights import Grads
 from timeprest.versions import tensor_bytes
 
 SUPPORTED_OPTIMIZERS = ("SGD", "Adam", "AdamW")

@@ -20,8 +20,8 @@ import torch
 from torch import Tensor
 
 from timeprest.stage.io import Minibatch, microbatch_rows
+from timeprest.stage.weights import Grads
 
-Grads = list[Tensor | None]
 # t (mini-batch of this train() call), this replica's gradients -> the combined gradients
 GradCombiner = Callable[[int, Grads], Grads]
 

@@ -28,8 +28,9 @@ from timeprest.schedule.actions import Action
 from timeprest.stage.io import Batches
 from timeprest.stage.precision import autocast
 from timeprest.stage.remedies import StageRemedies
-from timeprest.stage.replicas import GradCombiner, Grads
+from timeprest.stage.replicas import GradCombiner
 from timeprest.stage.weights import (
+    Grads,
     Saved,
     call_with,
     microbatch_seed,

@@ -25,17 +25,16 @@ from collections.abc import Sequence
 from typing import Protocol
 
 import torch
-from torch import Tensor, nn
+from torch import nn
 
 from timeprest.errors import ConfigError
+from timeprest.stage.weights import Grads
 
 Tied = tuple[tuple[int, str], ...]
 """One tensor held by several stages: its (stage, parameter name in the stage) places."""
 
 FLUSH_SCHEDULES = ("gpipe", "1f1b")
 CLIP_SCOPES = ("stage", "global")
-
-Grads = list[Tensor | None]
 
 
 class StageRunner(Protocol):
@@ -45,7 +44,10 @@ class StageRunner(Protocol):
     module: nn.Module
     params: list[nn.Parameter]
     device: torch.device
-    _grads: Grads
+
+    @property
+    def accumulated_grads(self) -> Grads: ...
+
     precision: str
     clip_norm: float | None
     update_group: UpdateGroup | None
@@ -142,7 +144,7 @@ class UpdateGroup:
         return out
 
     def _combine(self) -> dict[int, Grads]:
-        grads = {s: list(self.runners[s]._grads) for s in self.members}
+        grads = {s: self.runners[s].accumulated_grads for s in self.members}
         repeated: set[tuple[int, int]] = set()  # later copies: counted once in the norm
         for places in self.tied:
             parts = [g for g in (grads[s][i] for s, i in places) if g is not None]

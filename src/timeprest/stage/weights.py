@@ -29,6 +29,7 @@ import torch
 from torch import Tensor, nn
 
 Slots = list[list[tuple[nn.Module, str]]]
+Grads = list[Tensor | None]  # a stage's accumulated gradients, None where none arrived
 
 
 def parameter_slots(module: nn.Module, params: Sequence[Tensor]) -> Slots:

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import torch
 from torch import nn
 
+from timeprest.errors import ConfigError
 from timeprest.files import read_json, write_json
 from timeprest.report import MinibatchReport
 from timeprest.train.config import TrainConfig, write_config_file
@@ -151,10 +152,13 @@ def build_pipeline(
     """
     from timeprest.pipeline import Pipeline
 
+    # AdamW's groups without decay are the transformer convention (docs/design.md 11); image
+    # runs keep one group, decaying every parameter, as they always have
+    no_decay = no_decay_ids(all_stages, tied) if task.name == "lm" else frozenset()
     return Pipeline(
         method=cfg.method,
         num_microbatches=cfg.num_microbatches,
-        optimizer=make_optimizer(cfg, no_decay_ids(all_stages, tied)),
+        optimizer=make_optimizer(cfg, no_decay),
         loss_fn=task.loss_fn,
         **cfg.overrides(),
         costs=cfg.costs,
@@ -273,6 +277,13 @@ def _train(
     plan = ctx.on_writer("splitting the model", choose_split)
     # a tensor two stages use (tied embeddings) becomes one copy per stage
     stages, tied = apply_plan_untied(model, plan)
+    short = info.train_rows % cfg.batch_size  # a last, smaller mini-batch each epoch
+    if short and short < n * cfg.data_parallel:
+        raise ConfigError(
+            f"the last mini-batch of each epoch has {short} rows ({info.train_rows} rows in "
+            f"mini-batches of {cfg.batch_size}), fewer than the {cfg.data_parallel * n} "
+            "micro-batches of all replicas: change --batch-size or --train-limit"
+        )
     steps_per_epoch = num_batches(info.train_rows, cfg.batch_size)
     pipe = build_pipeline(
         cfg, steps_per_epoch, task=task, all_stages=stages, tied=tied,
