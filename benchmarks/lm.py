@@ -169,6 +169,11 @@ def main() -> None:
     p.add_argument("--model-opt", default="block_size=128,n_layer=4,n_head=4,n_embd=128")
     p.add_argument("--target", type=float, default=3.0, help="bits per byte")
     p.add_argument("--jobs", type=int, default=2)
+    p.add_argument(
+        "--table-only",
+        action="store_true",
+        help="train nothing: tabulate and draw the finished runs among the ones asked for",
+    )
     args = p.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -195,6 +200,9 @@ def main() -> None:
         for m in methods
         for seed in seeds
     ]
+    if args.table_only:
+        jobs = [j for j in jobs if (Path(j["run_dir"]) / "summary.json").exists()]
+        methods = [m for m in methods if any(j["method"] == m for j in jobs)]
     print(
         f"{len(jobs)} runs: {', '.join(methods)} x seeds {seeds}; W={args.stages}, "
         f"N={args.microbatches or 'each method default'}, {args.windows} windows x {args.epochs} epoch(s), "
