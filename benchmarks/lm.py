@@ -128,9 +128,15 @@ def curves(results: dict[str, list[dict[str, Any]]], png: Path, tpm: int) -> Non
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    from timeprest.policy.methods import METHODS
+
+    section6 = {"gpipe", "1f1b", "pipedream", "pipedream-2bw", "timeprest", "v-timeprest"}
+    section6.add("i-timeprest")
+    colors = plt.get_cmap("tab20").colors
+    fig, ax = plt.subplots(figsize=(8, 5))
     for i, (method, runs) in enumerate(results.items()):
-        color = f"C{i % 10}"
+        color = colors[(2 * i) % 20 if i < 10 else (2 * i + 1) % 20]
+        style = "-" if method in section6 or method not in METHODS else "--"
         for k, r in enumerate(runs):
             e = evals(Path(r["job"]["run_dir"]))
             if e:
@@ -138,13 +144,14 @@ def curves(results: dict[str, list[dict[str, Any]]], png: Path, tpm: int) -> Non
                     [x["minibatches"] * tpm / 1e6 for x in e],
                     [x["bits_per_byte"] for x in e],
                     color=color,
-                    alpha=0.8,
+                    linestyle=style,
+                    alpha=0.85,
                     label=method if k == 0 else None,
                 )
     ax.set_xlabel("training tokens (millions)")
     ax.set_ylabel("validation bits per byte")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, ncol=2, title="dashed: the other remedies", title_fontsize=8)
     fig.tight_layout()
     fig.savefig(png, dpi=110)
     plt.close(fig)
