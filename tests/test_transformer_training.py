@@ -6,8 +6,8 @@ import pytest
 import torch
 from torch import nn
 
-from timeprest import Pipeline
-from timeprest.errors import ConfigError
+from timeprest import Pipeline, split
+from timeprest.errors import ConfigError, NonFiniteLossError
 from timeprest.models.gpt import gpt, lm_loss
 from timeprest.splitting import SplitPlan, apply_plan_untied, plan_split
 from timeprest.stage.weights import Saved, weight_tokens
@@ -119,8 +119,11 @@ def test_clipping_and_precision_errors() -> None:
     with pytest.raises(ConfigError, match="global gradient clipping needs a flush schedule"):
         Pipeline(stages, method="v-timeprest", optimizer=sgd, loss_fn=lm_loss,
                  clip_grad_norm=1.0, clip_scope="global")  # fmt: skip
-    with pytest.raises(ConfigError, match="fp16 needs a CUDA device"):
-        Pipeline(stages, method="gpipe", optimizer=sgd, loss_fn=lm_loss, precision="fp16")
+    with pytest.raises(ConfigError, match="power of two"):
+        Pipeline(stages, method="gpipe", optimizer=sgd, loss_fn=lm_loss, precision="fp16",
+                 loss_scale=1000.0)  # fmt: skip
+    with pytest.raises(ConfigError, match="a loss scale is for precision fp16"):
+        Pipeline(stages, method="gpipe", optimizer=sgd, loss_fn=lm_loss, loss_scale=1024.0)
     with pytest.raises(ConfigError, match="precision must be one of"):
         Pipeline(stages, method="gpipe", optimizer=sgd, loss_fn=lm_loss, precision="fp8")
 
@@ -187,3 +190,78 @@ def test_adamw_leaves_norms_biases_and_embeddings_undecayed() -> None:
             for name, p in module.named_parameters(recurse=False):
                 exempt = isinstance(module, (nn.LayerNorm, nn.Embedding)) or name == "bias"
                 assert (id(p) in plain) == exempt and (id(p) in decayed) != exempt, (module, name)
+
+
+def fp16_mlp(seed: int = 0) -> nn.Sequential:
+    torch.manual_seed(seed)
+    return nn.Sequential(
+        nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 16), nn.Tanh(), nn.Linear(16, 3)
+    )
+
+
+def fp16_plain(model: nn.Module, data, scale: float, lr: float) -> None:
+    """Plain training under fp16 autocast with a static loss scale, written out."""
+    opt = torch.optim.SGD(model.parameters(), lr=lr)
+    for x, y in data:
+        with torch.autocast("cpu", dtype=torch.float16):
+            loss = nn.functional.mse_loss(model(x), y)
+        (loss * scale).backward()
+        for p in model.parameters():
+            p.grad = p.grad / scale
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+
+def fp16_batches(scale: float = 1.0):
+    g = torch.Generator().manual_seed(3)
+    return [
+        (torch.randn(8, 6, generator=g), scale * torch.randn(8, 3, generator=g)) for _ in range(4)
+    ]
+
+
+@pytest.mark.parametrize("method", ["gpipe", "pipedream"])
+def test_fp16_with_a_static_loss_scale_equals_plain_scaled_training(method: str) -> None:
+    """fp16: the last stage scales the loss, the activation gradients between stages stay
+    scaled, each stage unscales its weight gradients; with one micro-batch and one stage
+    that is written-out scaled training. gpipe on two stages equals it too."""
+    data, scale, lr = fp16_batches(), 1024.0, 0.05
+    ref = fp16_mlp()
+    fp16_plain(ref, data, scale, lr)
+    split_model = fp16_mlp()
+    w = 2 if method == "gpipe" else 1
+    stages = split(split_model, w)
+    pipe = Pipeline(stages, method=method, num_microbatches=1, loss_fn=nn.functional.mse_loss,
+                    optimizer=lambda p: torch.optim.SGD(p, lr=lr), precision="fp16",
+                    loss_scale=scale)  # fmt: skip
+    pipe.train(data)
+    for a, b in zip(ref.parameters(), split_model.parameters()):
+        assert a.dtype == b.dtype == torch.float32
+        assert torch.allclose(a, b, rtol=0, atol=1e-6)
+
+
+def test_the_loss_scale_keeps_fp16_gradients_from_underflowing() -> None:
+    """Targets close to the outputs make gradients below fp16's range: unscaled they vanish,
+    scaled by 2**16 they survive (and the first stage's weights move)."""
+    reference = fp16_mlp()
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.float16):
+        outputs = [reference(x).float() for x, _ in fp16_batches()]
+    # the model's own fp16 outputs, shifted by 1e-7: output gradients of about 8e-9
+    data = [(x, out + 1e-7) for (x, _), out in zip(fp16_batches(), outputs)]
+    moved = {}
+    for scale in (1.0, 65536.0):
+        model = fp16_mlp()
+        before = [p.detach().clone() for p in model[0].parameters()]
+        pipe = Pipeline(split(model, 2), method="gpipe", num_microbatches=1,
+                        loss_fn=nn.functional.mse_loss, optimizer=lambda p: torch.optim.SGD(p, lr=1.0),
+                        precision="fp16", loss_scale=scale)  # fmt: skip
+        pipe.train(data)
+        moved[scale] = any(not torch.equal(a, b) for a, b in zip(before, model[0].parameters()))
+    assert moved == {1.0: False, 65536.0: True}
+
+
+def test_an_fp16_overflow_stops_with_a_clear_error() -> None:
+    pipe = Pipeline(split(fp16_mlp(), 2), method="gpipe", num_microbatches=1,
+                    loss_fn=nn.functional.mse_loss, optimizer=lambda p: torch.optim.SGD(p, lr=0.1),
+                    precision="fp16", loss_scale=2.0**40)  # fmt: skip
+    with pytest.raises(NonFiniteLossError, match="fp16 gradients overflowed at stage 1"):
+        pipe.train(fp16_batches(scale=100.0))

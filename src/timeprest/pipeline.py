@@ -83,7 +83,7 @@ class Pipeline:
     (``default``, ``paper`` or per-stage :class:`~timeprest.schedule.Costs`) orders the
     asynchronous schedules. ``lr_lambda(minibatch)`` scales each optimizer's initial
     learning rate at the update of that (global) mini-batch, like ``LambdaLR`` per step.
-    ``precision`` (``fp32``, ``bf16``), ``clip_grad_norm`` with ``clip_scope`` (``stage``,
+    ``precision`` (``fp32``, ``bf16``, ``fp16`` with a static ``loss_scale``), ``clip_grad_norm`` with ``clip_scope`` (``stage``,
     or ``global`` for flush schedules) and ``tied`` (tensors several stages hold a copy of,
     as (stage, parameter name) places) are docs/design.md section 11's.
 
@@ -123,6 +123,7 @@ class Pipeline:
         num_stages: int | None = None,
         runtime: RuntimeOptions | None = None,
         precision: str = "fp32",
+        loss_scale: float | None = None,
         clip_grad_norm: float | None = None,
         clip_scope: str = "stage",
         tied: Sequence[Tied] = (),
@@ -229,7 +230,8 @@ class Pipeline:
         # docs/design.md section 11: autocast, clipping, tied tensors' gradients summed
         for replica_runners in (self.runners, *self._replicas):
             attach_update_rules(
-                replica_runners, precision=precision, clip_grad_norm=clip_grad_norm,
+                replica_runners, precision=precision, loss_scale=loss_scale,
+                clip_grad_norm=clip_grad_norm,
                 clip_scope=clip_scope, tied=tied, schedule=self.schedule_kind, engine=engine,
             )  # fmt: skip
         global_norm = clip_scope == "global" and clip_grad_norm is not None

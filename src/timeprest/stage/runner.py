@@ -26,7 +26,7 @@ from timeprest.policy.rules import Policy
 from timeprest.report import StageReport, StageStep
 from timeprest.schedule.actions import Action
 from timeprest.stage.io import Batches
-from timeprest.stage.precision import autocast
+from timeprest.stage.precision import autocast, unscale
 from timeprest.stage.remedies import StageRemedies
 from timeprest.stage.replicas import GradCombiner
 from timeprest.stage.weights import (
@@ -110,6 +110,9 @@ class StageRunner:
         # docs/design.md section 11, set by the Pipeline: autocast precision, per-stage
         # gradient clipping, and the group this stage combines gradients with before U
         self.precision = "fp32"
+        # fp16: the last stage's loss is multiplied by it before the backward, and every
+        # stage divides its weight gradients by it (a power of two: exact) as they arrive
+        self.loss_scale = 1.0
         self.clip_norm: float | None = None
         self.update_group: UpdateGroup | None = None
         # data parallel (docs/design.md section 10): combines this copy's accumulated
@@ -228,6 +231,8 @@ class StageRunner:
                 if self.is_last:
                     loss = self._loss(out, target, t, j)
                     out = loss * frac
+                    if self.loss_scale != 1.0:
+                        out = out * self.loss_scale
             if self.is_last:
                 self._record_loss(t, j, loss, frac)
             else:
@@ -312,6 +317,8 @@ class StageRunner:
             assert saved.out is not None
             res = torch.autograd.grad(saved.out, inputs, grad_outputs=grad_out, allow_unused=True)
             grads, dx = list(res[: len(saved.leaves)]), (res[-1] if want_dx else None)
+        if self.loss_scale != 1.0:
+            grads = unscale(grads, self.loss_scale, self.index, self.base_minibatch + t)
         if self.remedies.corrects and v != k:  # [remedies] corrected when the action ends
             self.remedies.defer(v, grads)
         else:
@@ -377,6 +384,8 @@ class StageRunner:
             out = self._call(leaves, x)
             if self.is_last:
                 out = self._loss(out, saved.target, t, j) * saved.fraction
+                if self.loss_scale != 1.0:
+                    out = out * self.loss_scale
         inputs = leaves + ([x] if want_dx else [])
         res = torch.autograd.grad(out, inputs, grad_outputs=grad_out, allow_unused=True)
         with torch.no_grad():  # the replayed forward must not count twice in BatchNorm statistics

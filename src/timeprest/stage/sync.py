@@ -49,6 +49,7 @@ class StageRunner(Protocol):
     def accumulated_grads(self) -> Grads: ...
 
     precision: str
+    loss_scale: float
     clip_norm: float | None
     update_group: UpdateGroup | None
 
@@ -191,14 +192,18 @@ def attach_update_rules(
     tied: Sequence[Tied],
     schedule: str,
     engine: str,
+    loss_scale: float | None = None,
 ) -> None:
-    """Give the runners their precision, clipping and update group (docs/design.md section 11)."""
-    from timeprest.stage.precision import check_precision
+    """Give the runners their precision (and fp16's loss scale), clipping and update group
+    (docs/design.md section 11)."""
+    from timeprest.stage.precision import check_loss_scale, check_precision
 
     check_group(tied, clip_scope, clip_grad_norm, schedule, engine)
+    scale = check_loss_scale(precision, loss_scale)
     for r in runners:
         check_precision(precision, r.device)
         r.precision = precision
+        r.loss_scale = scale
         r.clip_norm = clip_grad_norm if clip_scope == "stage" else None
     global_clip = clip_grad_norm if clip_scope == "global" else None
     if tied or global_clip is not None:

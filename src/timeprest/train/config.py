@@ -26,7 +26,7 @@ OPTIMIZERS = ("sgd", "adam", "adamw", "nadam")
 LR_SCHEDULES = ("constant", "cosine")
 DEVICES = ("cpu", "cuda")
 ENGINES = ("emulate", "distributed")
-PRECISIONS = ("fp32", "bf16")  # fp16 needs loss scaling across stages: not built yet
+PRECISIONS = ("fp32", "bf16", "fp16")
 CLIP_SCOPES = ("stage", "global")
 
 # the staleness remedies' settings (docs/design.md section 12), as policy.resolve() names them
@@ -193,10 +193,15 @@ class TrainConfig:
     )
     precision: str = option(
         "fp32",
-        "fp32, or bf16 autocast (CPU and CUDA); the weights and the optimizer state stay "
-        "float32 (fp16 with loss scaling is not built yet)",
+        "fp32, or bf16 or fp16 autocast (CPU and CUDA; fp16 with a static --loss-scale); the "
+        "weights and the optimizer state stay float32",
         "optimisation",
         choices=PRECISIONS,
+    )
+    loss_scale: float | None = option(
+        None,
+        "fp16: the static loss scale, a power of two (default 1024); an overflow stops the run",
+        "optimisation",
     )
     seed: int = option(0, "seed of the weights, the data order and the limits", "optimisation")
     device: str = option("cpu", "device to train on", "execution", choices=DEVICES)
@@ -273,6 +278,10 @@ class TrainConfig:
             )
         n = self.resolved(warn=False).num_microbatches
         check_batch_rows("--batch-size", self.batch_size, n, self.data_parallel)
+        if self.precision == "fp16" or self.loss_scale is not None:
+            from timeprest.stage.precision import check_loss_scale
+
+            check_loss_scale(self.precision, self.loss_scale)
         if self.device == "cuda":
             import torch
 
@@ -363,6 +372,7 @@ RUN_IDENTITY = (
     "clip_grad_norm",
     "clip_scope",
     "precision",
+    "loss_scale",
     "eval_every",
 )
 

@@ -165,6 +165,7 @@ def build_pipeline(
         seed=cfg.seed,
         lr_lambda=lr_factor(cfg, steps_per_epoch),
         precision=cfg.precision,
+        loss_scale=cfg.loss_scale,
         clip_grad_norm=cfg.clip_grad_norm,
         clip_scope=cfg.clip_scope,
         tied=tied,
