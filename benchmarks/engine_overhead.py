@@ -15,6 +15,11 @@ Run::
 
     python benchmarks/engine_overhead.py
     python benchmarks/engine_overhead.py --stages 4 --width 256 --micro-batch 128
+    python benchmarks/engine_overhead.py --grid --out docs/results/grid   # issue 11's grid
+
+``--grid`` measures every point of ``benchmarks/_grid.py`` (W = 2, the
+methods of the throughput grid, ``--grid-rounds`` rounds, runs sized to the
+point's cost) and prints and writes a summary table (markdown) to ``--out``.
 
 One intra-op thread by default (as the distributed runtime uses per
 process); on a shared machine look at the per-round ratios, not at one.
@@ -27,9 +32,11 @@ import copy
 import os
 import platform
 import statistics
+import sys
 import time
 import warnings
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -38,6 +45,11 @@ from torch import Tensor, nn
 import timeprest
 from timeprest.errors import MultipleSequenceWarning
 from timeprest.policy.methods import METHODS
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _grid  # noqa: E402  (the grid shared with throughput.py)
+
+GRID_METHODS = ("gpipe", "1f1b", "pipedream", "v-timeprest", "i-timeprest")
 
 
 def parse() -> argparse.Namespace:
@@ -50,8 +62,17 @@ def parse() -> argparse.Namespace:
     p.add_argument("--minibatches", type=int, default=24, help="mini-batches per timed run")
     p.add_argument("--rounds", type=int, default=5, help="timed rounds (median reported)")
     p.add_argument("--threads", type=int, default=1, help="intra-op threads")
-    p.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset")
-    return p.parse_args()
+    p.add_argument("--methods", default="", help="comma-separated subset (default: all)")
+    p.add_argument("--grid", action="store_true", help="run the grid of benchmarks/_grid.py")
+    p.add_argument("--grid-rounds", type=int, default=3, help="rounds per grid point")
+    p.add_argument(
+        "--grid-points", default="", help="comma-separated indices into the grid (default: all)"
+    )
+    p.add_argument("--out", default="results/engine-grid", help="grid: the markdown table here")
+    args = p.parse_args()
+    if not args.methods:
+        args.methods = ",".join(GRID_METHODS if args.grid else METHODS)
+    return args
 
 
 def sgd(params: list[nn.Parameter]) -> torch.optim.Optimizer:
@@ -95,13 +116,8 @@ class Engine:
         self.pipe.train(batches)
 
 
-def main() -> None:
-    args = parse()
-    torch.set_num_threads(args.threads)
-    methods = [m for m in args.methods.split(",") if m]
-    for m in methods:
-        if m not in METHODS:
-            raise SystemExit(f"unknown method {m!r}; choose from {', '.join(METHODS)}")
+def measure(args: argparse.Namespace, methods: list[str]) -> dict[str, list[float]]:
+    """Seconds of every timed run: ``plain/<method>`` and ``<method>``, one per round."""
     torch.manual_seed(0)
     w, m = args.width, args.micro_batch
     base: list[nn.Module] = [
@@ -128,7 +144,21 @@ def main() -> None:
             t0 = time.perf_counter()
             fn(batches)
             times[k].append(time.perf_counter() - t0)
+    return times
 
+
+def main() -> None:
+    args = parse()
+    torch.set_num_threads(args.threads)
+    methods = [m for m in args.methods.split(",") if m]
+    for m in methods:
+        if m not in METHODS:
+            raise SystemExit(f"unknown method {m!r}; choose from {', '.join(METHODS)}")
+    if args.grid:
+        grid(args, methods)
+        return
+    times = measure(args, methods)
+    w, m = args.width, args.micro_batch
     micro = args.minibatches * args.microbatches
     print("== engine overhead: emulator vs a plain training loop, one process ==")
     print(
@@ -150,6 +180,52 @@ def main() -> None:
             f"{statistics.median(e) / micro * 1e3:>14.2f}{statistics.median(ratios):>8.3f}  "
             + " ".join(f"{r:.3f}" for r in ratios)
         )
+
+
+def grid(args: argparse.Namespace, methods: list[str]) -> None:
+    """Every point of the grid at W = 2, then one table of ratios (method x point)."""
+    chosen = [int(i) for i in args.grid_points.split(",") if i] or range(len(_grid.GRID))
+    print("== engine overhead grid: emulator vs a plain loop, one process, W = 2 ==")
+    print(_grid.environment(args.threads))
+    print("command: python " + " ".join(sys.argv))
+    print(
+        f"{args.layers} x Linear(width)+ReLU per stage, SGD; {args.grid_rounds} rounds per "
+        "point; ratio = engine / plain loop, median of per-round ratios (min-max in brackets)"
+    )
+    header = ["width", "rows", "N", f"plain ms/mb ({methods[0]})", *methods]
+    rows = []
+    for i in chosen:
+        point = _grid.GRID[i]
+        a = copy.copy(args)
+        a.stages = 2
+        a.width, a.micro_batch, a.microbatches = point
+        fb = 2 * _grid.estimate_fb(point.width, args.layers, point.rows)  # both stages
+        a.minibatches = _grid.minibatches_for(fb, point.n, seconds=0.4)
+        a.rounds = args.grid_rounds
+        started = time.perf_counter()
+        times = measure(a, methods)
+        micro = a.minibatches * a.microbatches
+        cells = []
+        for method in methods:
+            ratios = [e / p for p, e in zip(times[f"plain/{method}"], times[method])]
+            cells.append(f"{statistics.median(ratios):.2f} ({min(ratios):.2f}-{max(ratios):.2f})")
+        plain_ms = statistics.median(times[f"plain/{methods[0]}"]) / micro * 1e3
+        rows.append([str(point.width), str(point.rows), str(point.n), f"{plain_ms:.2f}", *cells])
+        print(
+            f"point {i}: width {point.width}, {point.rows} rows, N = {point.n}, "
+            f"{micro} micro-batches per run ({time.perf_counter() - started:.0f} s): "
+            + ", ".join(f"{m} {c}" for m, c in zip(methods, cells)),
+            flush=True,
+        )
+    print()
+    print(_grid.plain(header, rows))
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "engine-grid.md").write_text(
+        f"{_grid.environment(args.threads)}\n\ncommand: `python {' '.join(sys.argv)}`\n\n"
+        + _grid.markdown(header, rows)
+    )
+    print(f"wrote {out / 'engine-grid.md'}")
 
 
 if __name__ == "__main__":

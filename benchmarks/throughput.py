@@ -12,7 +12,8 @@ In one run, interleaved over several rounds (medians reported):
   after each;
 - the bound ``micro-batch size / max_s (F_s + B_s)``: each stage's forward
   and backward of one micro-batch timed in isolation (plain autograd, both
-  processes at once, no communication, no update), measured before the
+  processes at once, no communication; an SGD step follows each F + B and is
+  timed apart as U, outside the bound), measured before the
   first run of a round and again after every run, because the machine's
   load drifts; each run is held against the mean of the two measurements
   around it. The order of the methods turns by one every round, so that
@@ -40,6 +41,16 @@ Run::
     python benchmarks/throughput.py                   # N = 2 (= W, Pipeline's default)
     python benchmarks/throughput.py --microbatches 4
     python benchmarks/throughput.py --width 384 --layers 4 --micro-batch 256
+    python benchmarks/throughput.py --grid --out docs/results/grid   # the grid of issue 11
+
+``--grid`` runs the points of ``benchmarks/_grid.py`` one after another (each
+in its own pair of processes, ``--grid-rounds`` rounds, runs sized to the
+point's cost), prints each point's tables and then a summary: per method
+and point the ratio to ``Schedule1F1B``, to the concurrent bound (both
+processes computing F + B + U at once, no communication) and to the bound
+alone (each process timing its stage while the other waits), and the
+simulator's prediction over the steady measured time; it writes the
+summary as markdown and a PNG of the ratios into ``--out``.
 
 Every method trains its own copy of the same initial weights on the same
 batches; samples/s = samples / wall time of rank 0 between two barriers.
@@ -53,14 +64,17 @@ from __future__ import annotations
 import argparse
 import copy
 import datetime
+import json
 import os
 import platform
 import resource
 import socket
 import statistics
 import sys
+import tempfile
 import time
 from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -74,6 +88,10 @@ from timeprest.sim import simulate
 from timeprest.sim.costmodel import CostModel
 from timeprest.sim.link import Link, link_between
 from timeprest.sim.profile import profile_stages
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _grid  # noqa: E402  (the grid shared with engine_overhead.py)
+from _grid import make_stage  # noqa: E402
 
 W = 2
 OURS = ("gpipe", "1f1b", "pipedream", "v-timeprest", "i-timeprest")
@@ -94,14 +112,19 @@ def parse() -> argparse.Namespace:
     p.add_argument("--rounds", type=int, default=5, help="timed rounds (median reported)")
     p.add_argument("--threads", type=int, default=1, help="intra-op threads per process")
     p.add_argument("--methods", default=",".join(OURS + THEIRS), help="comma-separated subset")
+    p.add_argument("--grid", action="store_true", help="run the grid of benchmarks/_grid.py")
+    p.add_argument("--grid-rounds", type=int, default=2, help="rounds per grid point")
+    p.add_argument(
+        "--grid-points", default="", help="comma-separated indices into the grid (default: all)"
+    )
+    p.add_argument("--out", default="results/throughput-grid", help="grid: markdown and PNG here")
+    p.add_argument("--result", default="", help=argparse.SUPPRESS)  # rank 0's summary (JSON)
     args = p.parse_args()
+    # samples per measurement (bound) and mini-batches per profile: the grid sizes them
+    args.bound_iters, args.profile_warmup, args.profile_repeats = 25, 2, 6
     if args.minibatches <= 0:
         args.minibatches = max(96 // args.microbatches, 1)
     return args
-
-
-def make_stage(width: int, layers: int) -> nn.Module:
-    return nn.Sequential(*[m for _ in range(layers) for m in (nn.Linear(width, width), nn.ReLU())])
 
 
 def sgd(params: list[nn.Parameter]) -> torch.optim.Optimizer:
@@ -119,14 +142,18 @@ def cpu_seconds() -> float:
     return r.ru_utime + r.ru_stime
 
 
-def isolated_stage_time(module: nn.Module, rank: int, rows: int, width: int) -> tuple[float, float]:
-    """Median seconds of this stage's forward and backward of one micro-batch."""
+def isolated_stage_time(
+    module: nn.Module, rank: int, rows: int, width: int, iters: int = 25
+) -> tuple[float, float, float]:
+    """Median seconds of this stage's forward, backward and SGD step of one micro-batch."""
     m = copy.deepcopy(module)
+    opt = sgd(list(m.parameters()))
     x = torch.randn(rows, width, requires_grad=rank > 0)
     target = torch.randn(rows, width)
     grad = torch.randn(rows, width)
-    fwd, bwd = [], []
-    for i in range(25):
+    fwd, bwd, upd = [], [], []
+    warm = max(1, iters // 5)
+    for i in range(iters):
         t0 = time.perf_counter()
         out = m(x)
         if rank == W - 1:
@@ -137,16 +164,24 @@ def isolated_stage_time(module: nn.Module, rank: int, rows: int, width: int) -> 
         else:
             out.backward(grad)
         t2 = time.perf_counter()
+        opt.step()
+        t3 = time.perf_counter()
         m.zero_grad(set_to_none=True)
         x.grad = None
-        if i >= 5:
+        if i >= warm:
             fwd.append(t1 - t0)
             bwd.append(t2 - t1)
-    return statistics.median(fwd), statistics.median(bwd)
+            upd.append(t3 - t2)
+    return statistics.median(fwd), statistics.median(bwd), statistics.median(upd)
 
 
 def profiled_costs(
-    stages: list[nn.Module], batch: tuple[Tensor, Tensor], n: int, method: str
+    stages: list[nn.Module],
+    batch: tuple[Tensor, Tensor],
+    n: int,
+    method: str,
+    warmup: int = 2,
+    repeats: int = 6,
 ) -> CostModel:
     """Both stages profiled by the simulator's own profiler (in this process, one thread),
     through the engine path of ``method``."""
@@ -158,8 +193,8 @@ def profiled_costs(
         sample_target=y,
         loss_fn=nn.functional.mse_loss,
         optimizer=sgd,
-        warmup=2,
-        repeats=6,
+        warmup=warmup,
+        repeats=repeats,
         method=method,
     )
 
@@ -264,7 +299,8 @@ def worker(rank: int, args: argparse.Namespace, port: int) -> None:
     links: list[Link] = []  # per round: the link of these two processes (gloo on loopback)
     rates: dict[str, list[float]] = {name: [] for name in methods}
     cpu: dict[str, list[list[float]]] = {name: [] for name in methods}
-    stage_times: list[list[tuple[float, float]]] = []
+    stage_times: list[list[tuple[float, float, float]]] = []  # per measurement, per rank
+    alone_times: list[list[tuple[float, float, float]]] = []  # per round, per rank
     # per method, per round, per rank: (F, B, U) of every stage
     profiles: dict[str, list[list[Any]]] = {name: [] for name in methods if name in OURS}
     template: CostModel | None = None
@@ -278,12 +314,24 @@ def worker(rank: int, args: argparse.Namespace, port: int) -> None:
         """Both processes time their stage at once; the slower stage's F + B, in seconds."""
         barrier_time()
         both: list[Any] = [None] * W
-        dist.all_gather_object(both, isolated_stage_time(base, rank, m, width))
+        dist.all_gather_object(both, isolated_stage_time(base, rank, m, width, args.bound_iters))
         stage_times.append(both)
-        return max(f + b for f, b in both)
+        return max(f + b for f, b, _ in both)
+
+    def alone() -> None:
+        """Each process times its stage while the other waits at a barrier."""
+        mine = None
+        for s in range(W):
+            barrier_time()
+            if rank == s:
+                mine = isolated_stage_time(base, rank, m, width, args.bound_iters)
+        each: list[Any] = [None] * W
+        dist.all_gather_object(each, mine)
+        alone_times.append(each)
 
     for r in range(args.rounds):
         links.append(link_between(1 - rank, m * width * 4, first=rank == 0))
+        alone()
         # the order turns every round, so that no method always runs first or last
         order = methods[r % len(methods) :] + methods[: r % len(methods)]
         # the bound is measured between every two runs (the machine's load drifts); a
@@ -293,7 +341,9 @@ def worker(rank: int, args: argparse.Namespace, port: int) -> None:
             if name in profiles:  # the simulator's profile right before the run it predicts
                 barrier_time()  # both processes at once, like the runs
                 nn_ = 1 if name == "pipedream" else n
-                cm = profiled_costs(stages, data[name][0], nn_, name)
+                cm = profiled_costs(
+                    stages, data[name][0], nn_, name, args.profile_warmup, args.profile_repeats
+                )
                 template = template or cm
                 prof: list[Any] = [None] * W
                 dist.all_gather_object(
@@ -320,23 +370,31 @@ def worker(rank: int, args: argparse.Namespace, port: int) -> None:
             bounds[name].append(m / ((before + after) / 2))
             before = after
     if rank == 0:
-        report(args, stage_times, bounds, rates, cpu, load)
+        summary = report(args, stage_times, alone_times, bounds, rates, cpu, load)
         assert template is not None
-        predict(args, profiles, template, links, rates, steady)
-        where_time_goes(args, stage_times, breakdowns, rates)
+        sims = predict(args, profiles, template, links, rates, steady)
+        works = where_time_goes(args, stage_times, breakdowns, rates)
+        if args.result:
+            for name, row in summary["methods"].items():
+                row.update(sims.get(name, {}), **works.get(name, {}))
+            Path(args.result).write_text(json.dumps(summary))
     dist.destroy_process_group()
 
 
 def report(
     args: argparse.Namespace,
-    stage_times: list[list[tuple[float, float]]],
+    stage_times: list[list[tuple[float, float, float]]],
+    alone_times: list[list[tuple[float, float, float]]],
     bounds: dict[str, list[float]],
     rates: dict[str, list[float]],
     cpu: dict[str, list[list[float]]],
     load: float,
-) -> None:
+) -> dict[str, Any]:
+    """The main table; returns the point's figures for the grid's summary."""
     m = args.micro_batch
-    points = [m / max(f + b for f, b in both) for both in stage_times]
+    points = [m / max(f + b for f, b, _ in both) for both in stage_times]
+    # the bound alone, one measurement per round (round r pairs with every run of round r)
+    alone_bound = [m / max(f + b for f, b, _ in each) for each in alone_times]
     cpu_name = "?"
     try:
         with open("/proc/cpuinfo") as info:
@@ -357,14 +415,21 @@ def report(
         f"(pipedream: N=1, mini-batch = one micro-batch), {args.minibatches} mini-batches "
         f"per timed run, {args.rounds} rounds, {args.threads} intra-op thread(s) per process"
     )
+    stage_rows = []
     for s in range(W):
-        f = statistics.median(t[s][0] for t in stage_times)
-        b = statistics.median(t[s][1] for t in stage_times)
-        print(f"stage {s} in isolation: F {f * 1e3:.2f} ms, B {b * 1e3:.2f} ms per micro-batch")
+        f, b, u = (statistics.median(t[s][i] for t in stage_times) for i in range(3))
+        fa, ba, ua = (statistics.median(t[s][i] for t in alone_times) for i in range(3))
+        stage_rows.append({"F": f, "B": b, "U": u, "F_alone": fa, "B_alone": ba, "U_alone": ua})
+        print(
+            f"stage {s}, both processes at once: F {f * 1e3:.2f} ms, B {b * 1e3:.2f} ms, "
+            f"U {u * 1e3:.2f} ms per micro-batch; alone: F {fa * 1e3:.2f}, B {ba * 1e3:.2f}, "
+            f"U {ua * 1e3:.2f}"
+        )
     print(
         f"bound m / max_s(F_s+B_s), measured before the first run and after every run: "
         f"median {statistics.median(points):,.0f} samples/s, range {min(points):,.0f} to "
-        f"{max(points):,.0f} over {len(points)} measurements"
+        f"{max(points):,.0f} over {len(points)} measurements; alone (once a round): "
+        + " ".join(f"{x:,.0f}" for x in alone_bound)
     )
     print(
         "each run is held against the mean of the two bound measurements around it; "
@@ -374,21 +439,47 @@ def report(
     print()
     theirs = rates.get("torch-1F1B")
     print(
-        f"{'method':<14}{'samples/s':>11}{'bound':>9}{'/ bound':>9}{'/ torch-1F1B':>14}"
-        f"{'CPU ms/mb s0, s1':>18}  samples/s per round"
+        f"{'method':<14}{'samples/s':>11}{'bound':>9}{'/ bound':>9}{'/ alone':>9}"
+        f"{'/ torch-1F1B':>14}{'CPU ms/mb s0, s1':>18}  samples/s per round"
     )
+    methods: dict[str, dict[str, Any]] = {}
     for name, rs in rates.items():
         of_bound = statistics.median(r / b for r, b in zip(rs, bounds[name]))
-        vs = f"{statistics.median(r / q for r, q in zip(rs, theirs)):.2f}x" if theirs else "-"
+        # the rounds of one method: run r of every method falls in round r
+        of_alone = statistics.median(r / a for r, a in zip(rs, alone_bound))
+        ratio = statistics.median(r / q for r, q in zip(rs, theirs)) if theirs else None
+        gp = rates.get("torch-GPipe")
+        vs_gpipe = statistics.median(r / q for r, q in zip(rs, gp)) if gp else None
+        vs = f"{ratio:.2f}x" if ratio is not None else "-"
+        methods[name] = {
+            "rate": statistics.median(rs),
+            "of_bound": of_bound,
+            "of_alone": of_alone,
+            "vs_1f1b": ratio,
+            "vs_gpipe": vs_gpipe,
+        }
         rounds = " ".join(f"{x:,.0f}" for x in rs)
         used = ", ".join(
             f"{statistics.median(c[s] for c in cpu[name]) * 1e3:.1f}" for s in range(W)
         )
         print(
             f"{name:<14}{statistics.median(rs):>11,.0f}{statistics.median(bounds[name]):>9,.0f}"
-            f"{of_bound:>9.2f}{vs:>14}{used:>18}  {rounds}"
+            f"{of_bound:>9.2f}{of_alone:>9.2f}{vs:>14}{used:>18}  {rounds}"
         )
     sys.stdout.flush()
+    return {
+        "width": args.width,
+        "rows": m,
+        "n": args.microbatches,
+        "layers": args.layers,
+        "minibatches": args.minibatches,
+        "rounds": args.rounds,
+        "stages": stage_rows,
+        "bound": statistics.median(points),
+        "bound_alone": statistics.median(alone_bound),
+        "load": [load, os.getloadavg()[0]],
+        "methods": methods,
+    }
 
 
 def predict(
@@ -398,7 +489,7 @@ def predict(
     links: list[Link],
     rates: dict[str, list[float]],
     steady: dict[str, list[float]],
-) -> None:
+) -> dict[str, dict[str, float]]:
     """The simulator's time per mini-batch next to the measured one, for each of our methods.
 
     Each round's prediction uses that round's profile, so that load drifting
@@ -433,6 +524,7 @@ def predict(
         f"{'predicted ms':>14}{'wall ms':>9}{'pred/wall':>11}{'steady ms':>11}{'pred/steady':>13}"
         "  pred/steady per round"
     )
+    out: dict[str, dict[str, float]] = {}
     for name, rounds in profiles.items():
         nn_ = 1 if name == "pipedream" else n
         count = t * n // nn_  # mini-batches in a timed run
@@ -471,15 +563,20 @@ def predict(
             f"{statistics.median(steady[name]) * 1e3:>11.2f}{statistics.median(per_round):>13.2f}"
             "  " + " ".join(f"{r:.2f}" for r in per_round)
         )
+        out[name] = {
+            "pred_steady": statistics.median(per_round),
+            "pred_wall": statistics.median(p / w for p, w in zip(preds, walls)),
+        }
     sys.stdout.flush()
+    return out
 
 
 def where_time_goes(
     args: argparse.Namespace,
-    stage_times: list[list[tuple[float, float]]],
+    stage_times: list[list[tuple[float, float, float]]],
     breakdowns: dict[str, list[list[Any]]],
     rates: dict[str, list[float]],
-) -> None:
+) -> dict[str, dict[str, float]]:
     """Each stage's actions in our runs, per micro-batch, next to its F + B in isolation."""
     m = args.micro_batch
     print()
@@ -495,8 +592,10 @@ def where_time_goes(
         f"{'method':<14}{'stage':>6}{'F':>8}{'B':>8}{'U':>7}{'waiting':>9}{'work':>8}"
         f"{'work / isolated F+B':>21}{'period':>8}"
     )
+    out: dict[str, dict[str, float]] = {}
     for name, rounds in breakdowns.items():
         period = statistics.median(m / r for r in rates[name]) * 1e3
+        out[name] = {"work_of_fb": 0.0}
         for s in range(W):
             f, b, u, wait = (statistics.median(r[s][i] for r in rounds) * 1e3 for i in range(4))
             work = statistics.median((sum(r[s][:3]) - r[s][3]) for r in rounds) * 1e3
@@ -504,7 +603,9 @@ def where_time_goes(
                 f"{name:<14}{s:>6}{f:>8.2f}{b:>8.2f}{u:>7.2f}{wait:>9.2f}{work:>8.2f}"
                 f"{work / iso[s]:>21.2f}{period:>8.2f}"
             )
+            out[name]["work_of_fb"] = max(out[name]["work_of_fb"], work / iso[s])
     sys.stdout.flush()
+    return out
 
 
 def free_port() -> int:
@@ -513,8 +614,135 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def runnable(args: argparse.Namespace) -> None:
+    """torch's Schedule1F1B needs N >= W: at N = 1 it is left out (and said so)."""
+    methods = [s for s in args.methods.split(",") if s]
+    if args.microbatches < W and "torch-1F1B" in methods:
+        print(f"torch-1F1B left out: torch's Schedule1F1B needs N >= W = {W}")
+        args.methods = ",".join(x for x in methods if x != "torch-1F1B")
+
+
+def grid(args: argparse.Namespace) -> None:
+    """Every point of the grid in its own pair of processes, then the summary."""
+    torch.set_num_threads(args.threads)
+    chosen = [int(i) for i in args.grid_points.split(",") if i] or range(len(_grid.GRID))
+    print(f"== throughput grid: {len(list(chosen))} points, W = {W} ==")
+    print(_grid.environment(args.threads))
+    print("command: python " + " ".join(sys.argv))
+    results = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for i in chosen:
+            point = _grid.GRID[i]
+            fb = _grid.estimate_fb(point.width, args.layers, point.rows)
+            a = copy.copy(args)
+            a.width, a.micro_batch, a.microbatches = point
+            a.minibatches = _grid.minibatches_for(fb, point.n)
+            a.rounds = args.grid_rounds
+            a.bound_iters = _grid.clamp(0.25 / fb, 4, 25)
+            per_profile = 2 * point.n * fb  # one mini-batch of both stages in one process
+            a.profile_warmup = 1 if per_profile > 0.05 else 2
+            a.profile_repeats = _grid.clamp(0.3 / per_profile, 3, 6)
+            a.result = os.path.join(tmp, f"{i}.json")
+            print(
+                f"\n######## point {i}: width {point.width}, {point.rows} rows, N = {point.n} "
+                f"(F + B estimated {fb * 1e3:.1f} ms; {a.minibatches} mini-batches per run, "
+                f"{a.bound_iters} samples per bound, profile {a.profile_warmup}+"
+                f"{a.profile_repeats}) ########"
+            )
+            runnable(a)
+            sys.stdout.flush()
+            started = time.perf_counter()
+            mp.spawn(worker, args=(a, free_port()), nprocs=W, join=True)
+            row = json.loads(Path(a.result).read_text())
+            row["seconds"] = time.perf_counter() - started
+            print(f"(point {i}: {row['seconds']:.0f} s)")
+            results.append(row)
+    grid_summary(args, results)
+
+
+def grid_summary(args: argparse.Namespace, results: list[dict[str, Any]]) -> None:
+    fmt = _grid.fmt
+    methods = [s for s in args.methods.split(",") if s]
+    header = ["width", "rows", "N", "bubble", "F+B ms", "F+B alone ms", "method"]
+    header += ["/ Schedule1F1B", "/ ScheduleGPipe", "/ bound", "/ bound alone"]
+    header += ["work / F+B", "sim / steady"]
+    rows = []
+    for p in results:
+        fb = max(s["F"] + s["B"] for s in p["stages"]) * 1e3
+        fb_alone = max(s["F_alone"] + s["B_alone"] for s in p["stages"]) * 1e3
+        bubble = (W - 1) / (p["n"] + W - 1)
+        for name in methods:
+            r = p["methods"].get(name)
+            if r is None:
+                continue
+            rows.append(
+                [str(p["width"]), str(p["rows"]), str(p["n"]), fmt(bubble), fmt(fb, 1)]
+                + [fmt(fb_alone, 1), name, fmt(r["vs_1f1b"]), fmt(r["vs_gpipe"])]
+                + [fmt(r["of_bound"])]
+                + [fmt(r["of_alone"]), fmt(r.get("work_of_fb")), fmt(r.get("pred_steady"))]
+            )
+    print("\n== throughput grid: summary ==")
+    print(
+        f"{args.layers} x Linear(width)+ReLU per stage, W = {W}, gloo on loopback, "
+        f"{args.grid_rounds} rounds per point, medians of per-round ratios; bound = rows / "
+        "max_s(F_s + B_s), both processes computing (F, B and an SGD step) at once; alone: "
+        "one process at a time; work / F+B: the larger stage's work per micro-batch in the "
+        "run over its concurrent F + B; sim / steady: the simulator's time per mini-batch "
+        "over the measured steady one; bubble: Schedule1F1B's (W-1)/(N+W-1)"
+    )
+    print(_grid.plain(header, rows))
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "throughput-grid.json").write_text(json.dumps(results, indent=1))
+    (out / "throughput-grid.md").write_text(
+        f"{_grid.environment(args.threads)}\n\n"
+        + f"command: `python {' '.join(sys.argv)}`\n\n"
+        + _grid.markdown(header, rows)
+    )
+    plot(results, methods, out / "throughput-grid.png")
+    print(f"wrote {out / 'throughput-grid.md'}, {out / 'throughput-grid.png'}")
+
+
+def plot(results: list[dict[str, Any]], methods: list[str], path: Path) -> None:
+    """Two panels, one group of bars per point: ratio to Schedule1F1B, ratio to the bound."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = [f"{p['width']}/{p['rows']}/N{p['n']}" for p in results]
+    fig, axes = plt.subplots(2, 1, figsize=(12, 7), sharex=True)
+    width = 0.8 / len(methods)
+    for ax, key, title, line in (
+        (axes[0], "vs_1f1b", "throughput / torch Schedule1F1B", 1.0),
+        (axes[1], "of_bound", "throughput / concurrent bound rows / max_s(F_s+B_s)", 0.95),
+    ):
+        for k, name in enumerate(methods):
+            ys = [(p["methods"].get(name) or {}).get(key) for p in results]
+            xs = [i + (k - (len(methods) - 1) / 2) * width for i in range(len(results))]
+            ax.bar(
+                [x for x, y in zip(xs, ys) if y is not None],
+                [y for y in ys if y is not None],
+                width,
+                label=name,
+            )
+        ax.axhline(line, color="k", lw=0.8, ls="--")
+        ax.set_title(title, fontsize=10)
+        ax.grid(axis="y", alpha=0.3)
+    axes[0].legend(ncol=len(methods), fontsize=8, loc="lower center", bbox_to_anchor=(0.5, 1.08))
+    axes[1].set_xticks(range(len(results)), labels, rotation=30, fontsize=8)
+    axes[1].set_xlabel("width / micro-batch rows / N (W = 2); N = 1: no Schedule1F1B")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def main() -> None:
     args = parse()
+    if args.grid:
+        grid(args)
+        return
+    runnable(args)
     mp.spawn(worker, args=(args, free_port()), nprocs=W, join=True)
 
 
