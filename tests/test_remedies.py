@@ -583,7 +583,7 @@ def test_train_flags_set_the_remedies(tmp_path: Path):
 def test_the_nesterov_method_is_pipedream_with_nadam():
     # the official code of Ajanthan et al.: weight stashing and NAdam at beta1 = 0.99
     from timeprest.train import TrainConfig
-    from timeprest.train.loop import make_optimizer
+    from timeprest.train.optim import make_optimizer
 
     cfg = TrainConfig(method="pipedream", optimizer="nadam", momentum=0.99, lr=1e-3)
     opt = make_optimizer(cfg)(list(nn.Linear(2, 2).parameters()))

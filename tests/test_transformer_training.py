@@ -177,7 +177,7 @@ def test_adamw_leaves_norms_biases_and_embeddings_undecayed() -> None:
     holds exactly the norm weights, the biases and the embeddings."""
     from timeprest import split
     from timeprest.train import TrainConfig
-    from timeprest.train.loop import make_optimizer, no_decay_ids
+    from timeprest.train.optim import make_optimizer, no_decay_ids
 
     torch.manual_seed(0)
     stages = split(gpt(n_layer=2, n_head=2, n_embd=16, block_size=8), 2)

@@ -20,7 +20,8 @@ from timeprest.train.config import (
     load_config_file,
     write_config_file,
 )
-from timeprest.train.loop import RunResult, build_pipeline, lr_factor, make_optimizer, run_training
+from timeprest.train.loop import RunResult, build_pipeline, run_training
+from timeprest.train.optim import lr_factor, make_optimizer
 from timeprest.train.records import EpochRow, epochs_to_target, read_epochs, summarize
 from timeprest.train.rundir import default_run_dir, run_dir_of
 
