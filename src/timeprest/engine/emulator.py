@@ -78,11 +78,7 @@ class Emulator:
             from timeprest.engine.replicas import run_replicas
 
             return run_replicas(job)
-        batches = job.batches
-        count = job.num_minibatches
-        if count is None:
-            batches = list(batches)
-            count = len(batches)
+        batches, count = job.counted()
         runners = job.runners
         if count == 0:
             return Outcome([], [{} for _ in runners], [r.report() for r in runners])

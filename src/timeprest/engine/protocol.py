@@ -42,6 +42,15 @@ class Job:
     base_minibatch: int  # mini-batches trained before this call
     config: dict[str, Any]  # what every process must agree on
     on_loss: Callable[[int, float], None] | None = None
+
+    def counted(self) -> tuple[Iterable[object], int]:
+        """The batches and how many there are; an iterable of unknown length is read into a
+        list first, since a schedule is built for a known number of mini-batches."""
+        if self.num_minibatches is not None:
+            return self.batches, self.num_minibatches
+        batches = list(self.batches)
+        return batches, len(batches)
+
     # data parallel (docs/design.md section 10): the runners of replicas 1..D-1 in the
     # emulator (``runners`` is replica 0); empty with one replica or in the runtime
     replicas: Sequence[Sequence[StageRunner]] = ()

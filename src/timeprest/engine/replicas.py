@@ -84,11 +84,7 @@ def run_replicas(job: Job) -> Outcome:
     """The emulator's :meth:`run` for ``D = 1 + len(job.replicas)`` replicas."""
     copies = [list(job.runners), *[list(rs) for rs in job.replicas]]
     d = len(copies)
-    batches = job.batches
-    count = job.num_minibatches
-    if count is None:
-        batches = list(batches)
-        count = len(batches)
+    batches, count = job.counted()
     if count == 0:
         return Outcome([], [{} for _ in job.runners], [r.report() for r in job.runners])
     lowered, plans = job.plan(count)

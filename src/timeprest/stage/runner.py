@@ -230,9 +230,7 @@ class StageRunner:
                 out = self._checked_call(reads, x)
                 if self.is_last:
                     loss = self._loss(out, target, t, j)
-                    out = loss * frac
-                    if self.loss_scale != 1.0:
-                        out = out * self.loss_scale
+                    out = self._backward_root(loss, frac)
             if self.is_last:
                 self._record_loss(t, j, loss, frac)
             else:
@@ -280,6 +278,12 @@ class StageRunner:
                 "(use the default mean reduction)"
             )
         return loss
+
+    def _backward_root(self, loss: Tensor, frac: float) -> Tensor:
+        """What the last stage backpropagates: its share of the mini-batch's loss (section 7),
+        times fp16's loss scale."""
+        root = loss * frac
+        return root * self.loss_scale if self.loss_scale != 1.0 else root
 
     def _record_loss(self, t: int, j: int, loss: Tensor, frac: float) -> None:
         value = float(loss.detach())
@@ -383,9 +387,7 @@ class StageRunner:
         with torch.enable_grad(), self._rng(t, j), autocast(self.device, self.precision):
             out = self._call(leaves, x)
             if self.is_last:
-                out = self._loss(out, saved.target, t, j) * saved.fraction
-                if self.loss_scale != 1.0:
-                    out = out * self.loss_scale
+                out = self._backward_root(self._loss(out, saved.target, t, j), saved.fraction)
         inputs = leaves + ([x] if want_dx else [])
         res = torch.autograd.grad(out, inputs, grad_outputs=grad_out, allow_unused=True)
         with torch.no_grad():  # the replayed forward must not count twice in BatchNorm statistics
