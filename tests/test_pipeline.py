@@ -12,7 +12,7 @@ from torch import nn
 
 import timeprest
 from helpers import flat, plain_sgd, regression_batches, sgd, tanh_mlp_stages
-from timeprest.errors import MultipleSequenceWarning
+from timeprest.errors import ConfigError, MultipleSequenceWarning
 from timeprest.policy import METHODS, plan_versions, resolve_policy
 
 ALL = list(METHODS)
@@ -240,7 +240,7 @@ def test_intermediate_weight_is_the_sigma_mix():
     assert sig(2) == pytest.approx(math.exp(-1.4))
     assert Significance("inverse", 0.5)(2) == pytest.approx(0.5)
     stages = tanh_mlp_stages(3)
-    pipe = make_pipe(stages, "i-timeprest", 2, decay=0.7)
+    pipe = make_pipe(stages, "i-timeprest", 2, decay=0.7, distance_every=1)
     pipe.train(regression_batches(num=6))
     rep = pipe.report
     d0 = [d for m in rep.minibatches for d in m.stages[0].staleness]
@@ -517,3 +517,27 @@ def test_receive_waits_are_counted_while_actions_are_timed(monkeypatch):
     for r in pipe.runners:
         assert 6 * 0.005 <= r.recv_seconds
         assert r.recv_seconds <= sum(sec for *_, sec in r.action_times)
+
+
+def test_relative_distance_is_sampled_every_k_minibatches():
+    """distance_every=K measures the figure at global mini-batches t % K == 0 (the same
+    values as measuring all), None at the other stale ones; training is unchanged."""
+    runs = {}
+    for every in (1, 3):
+        stages = tanh_mlp_stages(3)
+        pipe = make_pipe(stages, "pipedream", 1, distance_every=every)
+        pipe.train(regression_batches(num=8))
+        pipe.train(regression_batches(num=4))  # the second call's t continue the count
+        runs[every] = pipe
+    exact, sampled = (runs[e].report.minibatches for e in (1, 3))
+    assert [m.loss for m in exact] == [m.loss for m in sampled]
+    for a, b in zip(exact, sampled):
+        d_exact, d_sampled = a.stages[0].relative_distance, b.stages[0].relative_distance
+        if b.minibatch % 3 == 0 or d_exact == 0.0:
+            assert d_sampled == d_exact
+        else:
+            assert d_sampled is None
+    assert any(m.stages[0].relative_distance for m in sampled)
+    for bad in (0, 1.5, True):
+        with pytest.raises(ConfigError, match="distance_every"):
+            make_pipe(tanh_mlp_stages(3), "pipedream", 1, distance_every=bad)

@@ -379,7 +379,9 @@ def test_distributed_outside_torchrun_relaunches_the_same_loop(tmp_path):
     assert [e_got[k] for k in keys] == [e_want[k] for k in keys]
 
 
-@pytest.mark.parametrize("extra", [[], ["--eval-every", "3"]])
+@pytest.mark.parametrize(
+    "extra", [[], ["--eval-every", "3"], ["--distance-every", "2"]], ids=["plain", "eval", "every2"]
+)
 def test_epoch_rows_average_every_minibatch_record(tmp_path: Path, extra: list[str]) -> None:
     """The epoch row's staleness and distance are the means over that epoch's mini-batch
     records (a regression: they once read an already-emptied report and said 0)."""
@@ -396,8 +398,15 @@ def test_epoch_rows_average_every_minibatch_record(tmp_path: Path, extra: list[s
         stage0 = [d for r in mine for d in r["staleness"][0]]
         assert row["mean_staleness"][0] == pytest.approx(sum(stage0) / len(stage0))
         assert row["mean_staleness"][0] > 0
-        dist = [r["relative_distance"][0] for r in mine]
+        # measured every --distance-every mini-batches (null elsewhere): the mean of those
+        dist = [r["relative_distance"][0] for r in mine if r["relative_distance"][0] is not None]
         assert row["mean_relative_distance"][0] == pytest.approx(sum(dist) / len(dist))
+    every = 2 if "--distance-every" in extra else 10
+    # a stale backward's distance is known only where measured (0 where the weights were latest)
+    measured = [r["minibatch"] for r in records if r["relative_distance"][0]]
+    skipped = [r["minibatch"] for r in records if r["relative_distance"][0] is None]
+    assert measured and all(t % every == 0 for t in measured)
+    assert skipped and all(t % every != 0 for t in skipped)
 
 
 def test_a_last_minibatch_too_short_for_the_replicas_is_refused_up_front(tmp_path: Path) -> None:

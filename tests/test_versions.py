@@ -39,3 +39,28 @@ def test_optimizer_state_bytes() -> None:
     opt.step()
     # two moments of 10 float32 and a step count
     assert optimizer_state_bytes(opt) == 2 * 40 + tensor_bytes([opt.state[p]["step"]])
+
+
+def test_a_released_stash_is_written_into_by_the_next() -> None:
+    """The tensors of a dropped version come back for the next stash (no new allocation),
+    and the new stash holds the new values, not the old ones."""
+    p = nn.Parameter(torch.arange(6.0).reshape(2, 3))
+    store = VersionStore([p])
+    store.stash_latest()
+    first = store.get(0)[0]
+    assert not first.requires_grad and first.stride() == p.stride()
+    with torch.no_grad():
+        p.mul_(2.0)
+    store.advance()
+    store.release(0)
+    assert store.pool.bytes == 24  # held for reuse, not counted as a version
+    store.stash_latest()
+    again = store.get(1)[0]
+    assert again.data_ptr() == first.data_ptr() and store.pool.bytes == 0
+    assert torch.equal(again, torch.arange(6.0).reshape(2, 3) * 2.0)
+    # a differently shaped request never gets it
+    store.release(1)
+    other = store.pool.take(torch.zeros(3, 2))
+    assert other.data_ptr() != first.data_ptr() and other.shape == (3, 2)
+    store.pool.clear()
+    assert store.pool.bytes == 0

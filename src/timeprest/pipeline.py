@@ -36,7 +36,13 @@ from timeprest.errors import ConfigError
 from timeprest.policy.methods import DEFAULT_METHOD, RemedyOverrides, resolve
 from timeprest.policy.plan import StagePlan, plan_versions
 from timeprest.policy.rules import Significance
-from timeprest.report import MinibatchReport, Report, StageReport, StageStep
+from timeprest.report import (
+    DEFAULT_DISTANCE_EVERY,
+    MinibatchReport,
+    Report,
+    StageReport,
+    StageStep,
+)
 from timeprest.schedule.builders import (
     SCHEDULE_KINDS,
     Schedule,
@@ -86,6 +92,8 @@ class Pipeline:
     ``precision`` (``fp32``, ``bf16``, ``fp16`` with a static ``loss_scale``), ``clip_grad_norm`` with ``clip_scope`` (``stage``,
     or ``global`` for flush schedules) and ``tied`` (tensors several stages hold a copy of,
     as (stage, parameter name) places) are docs/design.md section 11's.
+    ``distance_every``: the report's relative distance of the backward weights is
+    measured at every K-th mini-batch (a pass over the weights; 1 for all).
 
     ``stages`` is a list of modules or a callable ``stage_fn(stage) -> nn.Module``
     (then give ``num_stages``, except with the distributed engine). With
@@ -129,11 +137,15 @@ class Pipeline:
         tied: Sequence[Tied] = (),
         data_parallel: int = 1,
         device_mesh: Any = None,
+        distance_every: int = DEFAULT_DISTANCE_EVERY,
         **remedies: Unpack[RemedyOverrides],
     ) -> None:
         bad = isinstance(data_parallel, bool) or not isinstance(data_parallel, int)
         if bad or data_parallel < 1:
             raise ConfigError(f"data_parallel must be an integer >= 1, got {data_parallel!r}")
+        bad = isinstance(distance_every, bool) or not isinstance(distance_every, int)
+        if bad or distance_every < 1:
+            raise ConfigError(f"distance_every must be an integer >= 1, got {distance_every!r}")
         if device_mesh is not None and engine != "distributed":
             raise ConfigError("device_mesh is for engine='distributed'")
         if engine not in ENGINES:
@@ -241,6 +253,8 @@ class Pipeline:
                 "tied tensors and --clip-scope global are not supported with data_parallel > 1 "
                 "yet: use data_parallel=1, or per-stage clipping without tied tensors"
             )
+        for r in (r for rs in (self.runners, *self._replicas) for r in rs):
+            r.distance_every = distance_every
         self.report = Report(stages=[StageReport(s) for s in range(w)])
         for r in self.runners:
             self.report.stages[r.index] = r.report()

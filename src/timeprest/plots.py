@@ -56,9 +56,14 @@ class RunData:
         return self.epochs[-1].num_stages
 
     def stage_mean(self, key: str) -> list[float]:
-        """Per-stage mean over epochs (every epoch has the same number of mini-batches)."""
+        """Per-stage mean over epochs (every epoch has the same number of mini-batches),
+        of the epochs where the figure was measured (0 if none)."""
         rows = [getattr(e, key) for e in self.epochs]
-        return [sum(r[s] for r in rows) / len(rows) for s in range(self.num_stages)]
+        means = []
+        for s in range(self.num_stages):
+            known = [r[s] for r in rows if r[s] is not None]
+            means.append(sum(known) / len(known) if known else 0.0)
+        return means
 
     def stage_peak(self, key: str) -> list[float]:
         rows = [getattr(e, key) for e in self.epochs]

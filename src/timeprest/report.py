@@ -5,6 +5,9 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+DEFAULT_DISTANCE_EVERY = 10
+"""Mini-batches between two measurements of the relative distance (1: every one)."""
+
 
 @dataclass
 class StageStep:
@@ -14,13 +17,15 @@ class StageStep:
     ``backward_version``: the latest version at the backward (``k``).
     ``staleness``: ``k - v`` per micro-batch.
     ``relative_distance``: mean over micro-batches of
-    ``||w_backward - w_latest|| / ||w_latest||``.
+    ``||w_backward - w_latest|| / ||w_latest||``; measured at the mini-batches
+    whose global index is a multiple of ``distance_every``, None at the others
+    unless every micro-batch read the latest weights (then exactly 0).
     """
 
     forward_versions: list[int] = field(default_factory=list)
     backward_version: int = -1
     staleness: list[int] = field(default_factory=list)
-    relative_distance: float = 0.0
+    relative_distance: float | None = 0.0
 
 
 @dataclass
@@ -57,6 +62,10 @@ class Report:
         vals = [d for m in self.minibatches for d in m.stages[stage].staleness]
         return sum(vals) / len(vals) if vals else 0.0
 
-    def mean_relative_distance(self, stage: int) -> float:
+    def mean_relative_distance(self, stage: int) -> float | None:
+        """Mean over the mini-batches where it was measured; None if at none."""
         vals = [m.stages[stage].relative_distance for m in self.minibatches]
-        return sum(vals) / len(vals) if vals else 0.0
+        known = [v for v in vals if v is not None]
+        if not vals:
+            return 0.0
+        return sum(known) / len(known) if known else None

@@ -5,6 +5,13 @@ them in place). Older versions that a later action still reads are kept as
 detached copies ("stashed"), made just before the update that would
 overwrite them and dropped right after their last reader: the version plan
 (:mod:`timeprest.policy.plan`) says when.
+
+A dropped copy's tensors go back to a :class:`BufferPool` and the next copy
+is written into them, as is the intermediate weight of a backward: a fresh
+weight-sized tensor costs more than the copy itself on a CPU, where each new
+large allocation is new pages the kernel has to zero (docs/design.md
+section 8). The pool never holds more than the plan's peak, and it is
+emptied when a schedule starts.
 """
 
 from __future__ import annotations
@@ -26,6 +33,36 @@ def optimizer_state_bytes(optimizer: torch.optim.Optimizer | None) -> int:
     )
 
 
+class BufferPool:
+    """Spare tensors by (shape, strides, dtype, device), for weight-sized scratch."""
+
+    def __init__(self) -> None:
+        self._free: dict[tuple[object, ...], list[Tensor]] = {}
+
+    @staticmethod
+    def _key(t: Tensor) -> tuple[object, ...]:
+        return (t.shape, t.stride(), t.dtype, t.device)
+
+    def take(self, like: Tensor) -> Tensor:
+        """A tensor shaped as ``like`` (uninitialised: the caller writes all of it)."""
+        free = self._free.get(self._key(like))
+        if free:
+            return free.pop()
+        return torch.empty_like(like, memory_format=torch.preserve_format)
+
+    def give(self, tensors: list[Tensor]) -> None:
+        """Return tensors nothing reads any more."""
+        for t in tensors:
+            self._free.setdefault(self._key(t), []).append(t)
+
+    def clear(self) -> None:
+        self._free.clear()
+
+    @property
+    def bytes(self) -> int:
+        return sum(tensor_bytes(ts) for ts in self._free.values())
+
+
 class VersionStore:
     """Weight versions of one stage.
 
@@ -37,6 +74,7 @@ class VersionStore:
         self.params = params
         self.latest = latest
         self._stash: dict[int, list[Tensor]] = {}
+        self.pool = BufferPool()
         self.bytes_per_version = tensor_bytes([p.detach() for p in params])
         self.peak_versions = 1
         self.peak_bytes = self.bytes_per_version
@@ -62,7 +100,10 @@ class VersionStore:
     def stash_latest(self) -> None:
         """Copy the latest version before an update overwrites it."""
         with torch.no_grad():
-            self._stash[self.latest] = [p.detach().clone() for p in self.params]
+            copies = [self.pool.take(p) for p in self.params]
+            for c, p in zip(copies, self.params):
+                c.copy_(p.detach())
+            self._stash[self.latest] = copies
         self.observe()
 
     def advance(self) -> None:
@@ -70,7 +111,9 @@ class VersionStore:
         self.latest += 1
 
     def release(self, version: int) -> None:
-        self._stash.pop(version, None)
+        copies = self._stash.pop(version, None)
+        if copies is not None:
+            self.pool.give(copies)
 
     def observe(self, transient_bytes: int = 0) -> None:
         """Update the peaks with what is held now (plus a transient intermediate weight)."""

@@ -23,7 +23,7 @@ from timeprest.device import sync_device
 from timeprest.errors import NonFiniteLossError, ShapeError
 from timeprest.policy.plan import StagePlan
 from timeprest.policy.rules import Policy
-from timeprest.report import StageReport, StageStep
+from timeprest.report import DEFAULT_DISTANCE_EVERY, StageReport, StageStep
 from timeprest.schedule.actions import Action
 from timeprest.stage.io import Batches
 from timeprest.stage.precision import autocast, unscale
@@ -88,7 +88,9 @@ class StageRunner:
         self.device = first.device if first is not None else torch.device("cpu")
         self._grads: list[Tensor | None] = [None] * len(self.params)
         self._saved: dict[tuple[int, int], Saved] = {}
-        self._bw_cache: dict[int, tuple[list[Tensor], int, float]] = {}
+        # forward version -> (backward weights, transient bytes, distance), for one action
+        self._bw_cache: dict[int, tuple[list[Tensor], int, float | None]] = {}
+        self._bw_owned: list[Tensor] = []  # pool tensors behind the cached intermediate weights
         self.activation_bytes_live = 0
         self.peak_activation_bytes = 0
         self._checked_input = False
@@ -118,6 +120,9 @@ class StageRunner:
         # data parallel (docs/design.md section 10): combines this copy's accumulated
         # gradients with the other replicas' before each update; None with one replica
         self.combine_grads: GradCombiner | None = None
+        # the report's relative distance costs a pass over the weights: measured at the
+        # mini-batches whose global index is a multiple of this (docs/design.md section 8)
+        self.distance_every = DEFAULT_DISTANCE_EVERY
 
     @property
     def is_first(self) -> bool:
@@ -141,6 +146,7 @@ class StageRunner:
         for v, last in plan.keep_until.items():
             self._release_at.setdefault(last, []).append(v)
         self.base_version = self.store.latest
+        self.store.pool.clear()  # drained: nothing is stashed, the spare tensors go
         self.base_minibatch = base_minibatch
         self.losses = {}
         self.steps = {}
@@ -154,13 +160,13 @@ class StageRunner:
         if action.kind == "B":
             # micro-batches of one action often share (forward, backward) versions:
             # build their backward weights and distance once
-            self._bw_cache = {}
+            self._drop_bw_cache()
 
     def end_action(self, index: int, action: Action) -> None:
         """Action ``index`` is done (after its last send): release what it last read."""
         assert self.plan is not None
         if action.kind == "B":
-            self._bw_cache = {}
+            self._drop_bw_cache()
             if self.remedies.corrects:  # [remedies] corrected gradients join the update's
                 for grads in self.remedies.flush(self.store.get, self.store.latest):
                     self._accumulate(grads)
@@ -308,7 +314,8 @@ class StageRunner:
         cached = self._bw_cache.get(v)
         if cached is None:
             weights, transient = self._backward_weights(v, k)
-            cached = (weights, transient, self._relative_distance(weights, k, v))
+            measure = (self.base_minibatch + t) % self.distance_every == 0
+            cached = (weights, transient, self._relative_distance(weights, k, v, measure))
             self._bw_cache[v] = cached
         weights, transient, dist = cached
         self.store.observe(transient)
@@ -335,7 +342,10 @@ class StageRunner:
         step.backward_version = k
         step.staleness.append(k - v)
         n_done = len(step.staleness)
-        step.relative_distance += (dist - step.relative_distance) / n_done
+        if dist is None or step.relative_distance is None:
+            step.relative_distance = None  # not measured at this mini-batch
+        else:
+            step.relative_distance += (dist - step.relative_distance) / n_done
         return dx if want_dx else None
 
     def _accumulate(self, grads: list[Tensor | None]) -> None:
@@ -354,16 +364,36 @@ class StageRunner:
             return self.store.get(self.base_version + reads[0]), 0
         sigma = self.policy.significance(k - v)
         stale, latest = self.store.get(v), self.store.get(k)
-        with torch.no_grad():
-            mixed = [sigma * a + (1.0 - sigma) * b for a, b in zip(stale, latest)]
+        pool = self.store.pool
+        mixed = [pool.take(b) for b in latest]
+        with torch.no_grad():  # sigma * a + (1 - sigma) * b, written into reused tensors
+            for out, a, b in zip(mixed, stale, latest):
+                scratch = pool.take(b)
+                torch.mul(a, sigma, out=out)
+                torch.mul(b, 1.0 - sigma, out=scratch)
+                out.add_(scratch)
+                pool.give([scratch])
+        self._bw_owned.extend(mixed)
         return mixed, tensor_bytes(mixed)
 
-    def _relative_distance(self, weights: list[Tensor], k: int, v: int) -> float:
+    def _drop_bw_cache(self) -> None:
+        self._bw_cache = {}
+        if self._bw_owned:
+            self.store.pool.give(self._bw_owned)
+            self._bw_owned = []
+
+    def _relative_distance(
+        self, weights: list[Tensor], k: int, v: int, measure: bool
+    ) -> float | None:
+        """The report's distance of the backward weights from the latest (0 when they are
+        the latest); None when it would take a pass over the weights and ``measure`` is off."""
         if v == k or not weights:
             return 0.0
         latest = self.store.get(k)
         if all(a is b or a.data_ptr() == b.data_ptr() for a, b in zip(weights, latest)):
             return 0.0
+        if not measure:
+            return None
         # per-tensor norms in the weights' own dtype, summed in Python floats: a
         # report figure, so float64 copies of every weight are not worth their cost
         with torch.no_grad():

@@ -19,6 +19,7 @@ from timeprest.errors import ConfigError
 from timeprest.policy import DEFAULT_METHOD, Resolved, get_method, resolve
 from timeprest.policy.remedies import CORRECTIONS, LR_RULES
 from timeprest.policy.rules import BACKWARD_RULES, FORWARD_RULES, GRAD_RULES, SIGNIFICANCE_KINDS
+from timeprest.report import DEFAULT_DISTANCE_EVERY
 from timeprest.schedule import SCHEDULE_KINDS
 from timeprest.schedule.costs import COST_MODES
 
@@ -240,6 +241,12 @@ class TrainConfig:
         "weights, without a drain; distributed: the pipeline drains every K mini-batches)",
         "execution",
     )
+    distance_every: int = option(
+        DEFAULT_DISTANCE_EVERY,
+        "measure the relative distance of the backward weights (a pass over them) every K "
+        "mini-batches; 1 for every one",
+        "execution",
+    )
     progress: bool = option(True, "show a progress bar", "execution", flag=False)
 
     def validate(self) -> None:
@@ -251,7 +258,7 @@ class TrainConfig:
                 raise ConfigError(f"{_flag(name)} must be an integer >= 1, got {v!r}")
         for name in (
             "microbatches", "train_limit", "test_limit", "image_size", "nproc", "threads",
-            "eval_every",
+            "eval_every", "distance_every",
         ):  # fmt: skip
             v = getattr(self, name)
             if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):

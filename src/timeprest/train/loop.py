@@ -96,6 +96,7 @@ def build_pipeline(
         clip_scope=cfg.clip_scope,
         tied=tied,
         data_parallel=cfg.data_parallel,
+        distance_every=cfg.distance_every,
         **options,
     )
 

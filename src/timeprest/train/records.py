@@ -48,7 +48,7 @@ class EpochRow:
     lr_factor_end: float
     """The learning-rate factor of the epoch's last update."""
     mean_staleness: list[float]
-    mean_relative_distance: list[float]
+    mean_relative_distance: list[float | None]  # None: not measured in the epoch
     peak_versions: list[int]
     peak_weight_bytes: list[int]
     weight_bytes: list[int]

@@ -89,7 +89,8 @@ class EpochWriter:
             self._writer.add_scalar(tag, float(getattr(row, key)), step)
         for key, prefix in _PER_STAGE.items():
             for s, value in enumerate(getattr(row, key)):
-                self._writer.add_scalar(f"{prefix}/stage{s}", float(value), step)
+                if value is not None:  # None: not measured in this epoch
+                    self._writer.add_scalar(f"{prefix}/stage{s}", float(value), step)
         self._writer.flush()
 
     def close(self) -> None:
