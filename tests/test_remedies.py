@@ -518,6 +518,20 @@ def test_resume_carries_the_remedy_state(method, opt, tmp_path: Path):
     assert torch.equal(flat(a), flat(b))
 
 
+def test_resume_carries_gap_awares_largest_rate(tmp_path: Path):
+    pa = make_pipe(tanh_mlp_stages(3), "gap-aware", 3, "momentum", lr_lambda=lambda t: 1 / (1 + t))
+    pa.train(regression_batches(num=4, rows=9))
+    pa.save_checkpoint(tmp_path / "ck")
+    pb = make_pipe(tanh_mlp_stages(3, seed=7), "gap-aware", 3, "momentum")
+    pb.load_checkpoint(tmp_path / "ck")
+    for ra, rb in zip(pa.runners, pb.runners):
+        assert rb.remedies.max_lrs == ra.remedies.max_lrs == [LR] * 2  # the first, largest
+    old = pa.runners[0].remedies.state_dict()
+    del old["max_lrs"]  # a checkpoint from before C measured the optimizer's step
+    with pytest.raises(ConfigError, match="no largest learning rate"):
+        pb.runners[0].remedies.load_state_dict(old)
+
+
 def test_prediction_names_the_supported_optimizers():
     with pytest.raises(ConfigError, match="supported optimizers are SGD, Adam, AdamW, got RMSprop"):
         timeprest.Pipeline(
