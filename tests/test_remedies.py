@@ -137,14 +137,19 @@ def remedy_reference(
     gap_beta=0.999,
     gap_eps=1e-8,
     warmup=None,
+    lr_factor=None,
 ):
-    """Explicit formulas of docs/design.md section 12, d of every micro-batch from the programs."""
+    """Explicit formulas of docs/design.md section 12, d of every micro-batch from the programs.
+
+    ``lr_factor(t)`` scales the learning rate of mini-batch t (the pipeline's ``lr_lambda``).
+    """
     w = len(stages)
     lins = [m if isinstance(m, nn.Linear) else m[0] for m in stages]
     hist = [[[lin.weight.detach().clone(), lin.bias.detach().clone()]] for lin in lins]
     zeros = [[torch.zeros_like(p) for p in hist[s][0]] for s in range(w)]
     delta = [[zeros[s]] for s in range(w)]  # delta after k updates
-    sq = [[zeros[s]] for s in range(w)]  # running mean of squared lr * g after k updates
+    sq = [[zeros[s]] for s in range(w)]  # running mean of the squared direction u, k updates
+    lr_max = [0.0] * w  # the largest learning rate of a stage's updates so far
     dirs: list[list] = [[None] for _ in range(w)]  # step direction after k updates
     opts = [RefOptimizer(opt, LR) for _ in range(w)]
     fwd, bwd = program_versions(programs)
@@ -208,10 +213,12 @@ def remedy_reference(
                         fixed = g + dc_lambda * g * g * gap
                     else:
                         bias = 1 - gap_beta**k
-                        c_typ = (sq[s][k][i] / bias).sqrt() + gap_eps
+                        c_typ = lr_max[s] * ((sq[s][k][i] / bias).sqrt() + gap_eps)
                         fixed = g / (1 + gap.abs() / c_typ)
                     grads[i] = grads[i] + fixed
             lr = opts[s].lr
+            if lr_factor is not None:
+                lr = lr * lr_factor(t)
             if warmup is not None:
                 tau = max(1.0, sum(ds[s]) / len(ds[s]))
                 lr = lr / tau ** (1 - min(t / warmup, 1.0))
@@ -221,10 +228,11 @@ def remedy_reference(
             delta[s].append(
                 [gamma * a + (1 - gamma) * (nw - ow) for a, nw, ow in zip(delta[s][-1], new, old)]
             )
-            sq[s].append(
-                [gap_beta * a + (1 - gap_beta) * (lr * g) ** 2 for a, g in zip(sq[s][-1], grads)]
-            )
             dirs[s].append(opts[s].direction(new))
+            sq[s].append(
+                [gap_beta * a + (1 - gap_beta) * u**2 for a, u in zip(sq[s][-1], dirs[s][-1])]
+            )
+            lr_max[s] = max(lr_max[s], lr)
     final = torch.cat([torch.cat([hist[s][-1][0].reshape(-1), hist[s][-1][1]]) for s in range(w)])
     return losses, final
 
@@ -312,7 +320,7 @@ def test_dc_asgd_matches_reference(n):
 
 
 @pytest.mark.parametrize("n", [1, 3])
-@pytest.mark.parametrize("opt", ["sgd", "momentum"])
+@pytest.mark.parametrize("opt", ["sgd", "momentum", "adam", "adamw"])
 def test_gap_aware_matches_reference(n, opt):
     check_against_reference(
         "gap-aware",
@@ -322,6 +330,23 @@ def test_gap_aware_matches_reference(n, opt):
         backward="stashed",
         correction="gap-aware",
         gap_beta=0.9,
+    )
+
+
+def test_gap_aware_scales_by_the_largest_learning_rate_so_far():
+    # a falling rate: C keeps the first (largest) one, not the current one
+    def factor(t: int) -> float:
+        return 1.0 / (1 + t)
+
+    check_against_reference(
+        "gap-aware",
+        3,
+        "momentum",
+        {"gap_beta": 0.9, "lr_lambda": factor},
+        backward="stashed",
+        correction="gap-aware",
+        gap_beta=0.9,
+        lr_factor=factor,
     )
 
 
@@ -491,6 +516,20 @@ def test_resume_carries_the_remedy_state(method, opt, tmp_path: Path):
     lb = pb.train(batches[5:])
     assert la == lb
     assert torch.equal(flat(a), flat(b))
+
+
+def test_resume_carries_gap_awares_largest_rate(tmp_path: Path):
+    pa = make_pipe(tanh_mlp_stages(3), "gap-aware", 3, "momentum", lr_lambda=lambda t: 1 / (1 + t))
+    pa.train(regression_batches(num=4, rows=9))
+    pa.save_checkpoint(tmp_path / "ck")
+    pb = make_pipe(tanh_mlp_stages(3, seed=7), "gap-aware", 3, "momentum")
+    pb.load_checkpoint(tmp_path / "ck")
+    for ra, rb in zip(pa.runners, pb.runners):
+        assert rb.remedies.max_lrs == ra.remedies.max_lrs == [LR] * 2  # the first, largest
+    old = pa.runners[0].remedies.state_dict()
+    del old["max_lrs"]  # a checkpoint from before C measured the optimizer's step
+    with pytest.raises(ConfigError, match="no largest learning rate"):
+        pb.runners[0].remedies.load_state_dict(old)
 
 
 def test_prediction_names_the_supported_optimizers():

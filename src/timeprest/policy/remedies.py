@@ -24,9 +24,9 @@ DEFAULT_GAMMA = 0.9
 DEFAULT_DC_LAMBDA = 0.04
 """DC-ASGD's constant variance-control lambda (the default of MXNet's DCASGD optimizer)."""
 DEFAULT_GAP_BETA = 0.999
-"""Decay of Gap-Aware's running average of squared steps (Adam's; not from the paper)."""
+"""Decay of Gap-Aware's average of squared steps (FTPipe's SGD default: docs/design.md 12)."""
 DEFAULT_GAP_EPS = 1e-8
-"""Added to C so that it is never 0 (as Adam's epsilon)."""
+"""Added to C's root so that C is never 0 (FTPipe's SGD default: docs/design.md 12)."""
 DEFAULT_WARMUP = 1000
 """K of PipeMare's learning-rate rule: updates until the rescaling has faded out (not
 taken from PipeMare: see docs/design.md section 12)."""
@@ -55,9 +55,11 @@ class Correction:
     """A correction of a stale gradient before ``U`` (needs the forward's version).
 
     ``dc``: ``g + dc_lambda * g * g * (w_k - w_v)`` (DC-ASGD).
-    ``gap-aware``: ``g / (1 + |w_k - w_v| / C)``, C per element the root of a
-    bias-corrected running average (decay ``gap_beta``) of the squared steps,
-    plus ``gap_eps`` (Gap-Aware). ``gap_eps = inf`` makes C infinite: no correction.
+    ``gap-aware``: ``g / (1 + |w_k - w_v| / C)`` (Gap-Aware), C per element the
+    typical step ``eta_max * (sqrt(r / (1 - gap_beta**n)) + gap_eps)``: r the
+    running average (decay ``gap_beta``) of the squared direction the optimizer
+    stepped along over its n updates, eta_max the largest learning rate used.
+    ``gap_eps = inf`` makes C infinite: no correction.
     """
 
     kind: CorrectionKind = "none"

@@ -10,8 +10,8 @@ holds what they need between actions and computes with it:
 - the gradient corrections (``dc``, ``gap-aware``): a backward's gradients are
   summed per forward version, corrected with ``w_k - w_v`` when the backward
   action ends (the stashed version is still held then), and only then added to
-  the gradient of the update; ``gap-aware`` keeps a running average of squared
-  steps.
+  the gradient of the update; ``gap-aware`` keeps a running average of the
+  squared step direction ``u`` and the largest learning rate used.
 
 The stage runner calls it from a few marked places; the degree of staleness
 ``d`` always comes from the version plan.
@@ -106,6 +106,7 @@ class StageRemedies:
         self.delta: list[Tensor] | None = [z.detach() for z in zeros] if velocity else None
         self.sq_steps: list[Tensor] | None = [z.detach().clone() for z in zeros] if gap else None
         self.steps = 0  # updates seen by sq_steps (its bias correction)
+        self.max_lrs: list[float] = [0.0] * len(params) if gap else []  # Gap-Aware's eta_max
         self.last_grads: Grads | None = None  # momentum-free SGD's direction
         self._pending: dict[int, Grads] = {}  # corrections: forward version -> summed gradients
 
@@ -181,46 +182,66 @@ class StageRemedies:
         return out
 
     def _typical_step(self, i: int) -> Tensor | float:
-        """Gap-Aware's C: root of the bias-corrected running mean of squared steps, + eps."""
+        """Gap-Aware's C: ``eta_max * (sqrt(r / (1 - beta**n)) + eps)`` (docs/design.md 12).
+
+        Infinite (no correction) when ``gap_eps`` is, and before any update has
+        moved the weights (n = 0 or eta_max = 0), where every gap is 0 anyway and
+        a C of 0 would turn ``0 / 0`` into NaN.
+        """
         cor = self.policy.correction
         if math.isinf(cor.gap_eps) or self.sq_steps is None:
             return math.inf
-        bias = 1.0 - cor.gap_beta**self.steps if self.steps > 0 else 1.0
-        return (self.sq_steps[i] / bias).sqrt() + cor.gap_eps
+        eta = self.max_lrs[i]
+        if self.steps == 0 or eta == 0.0:
+            return math.inf
+        bias = 1.0 - cor.gap_beta**self.steps
+        return ((self.sq_steps[i] / bias).sqrt() + cor.gap_eps) * eta
 
     # -- update ---------------------------------------------------------------------------
     def before_step(self, grads: Grads) -> None:
-        """Start folding the coming step into delta; fold ``lr * g`` into C's average.
+        """Start folding the coming step into delta (Gap-Aware measures it in :meth:`after_step`).
 
         No copy of the weights is made: ``delta <- gamma * delta + (1 - gamma) * (w_new -
         w_old)`` is applied as ``- (1 - gamma) * w_old`` now and ``+ (1 - gamma) * w_new``
-        in :meth:`after_step`. Gap-Aware's typical step is measured as ``lr * |g|`` of
-        the gradient the update applies.
+        in :meth:`after_step`.
         """
         gamma = self.policy.velocity.gamma
-        beta = self.policy.correction.gap_beta
-        with torch.no_grad():
-            if self.delta is not None:
+        if self.delta is not None:
+            with torch.no_grad():
                 for dl, p in zip(self.delta, self.params):
                     dl.mul_(gamma).sub_(p.detach(), alpha=1.0 - gamma)
-            if self.sq_steps is not None:
-                for i, (sq, g) in enumerate(zip(self.sq_steps, grads)):
-                    sq.mul_(beta)
-                    if g is not None:
-                        step = g * float(self._group[i]["lr"])
-                        sq.addcmul_(step, step, value=1.0 - beta)
-                self.steps += 1
 
     def after_step(self, grads: Grads) -> None:
-        """Finish delta with the new weights; keep momentum-free SGD's gradient."""
+        """Finish delta with the new weights; keep momentum-free SGD's gradient; measure the step.
+
+        Gap-Aware's typical step is the direction ``u`` the optimizer has just
+        stepped along (:func:`step_direction`, read after the step) and the rate
+        it used: ``r <- beta * r + (1 - beta) * u**2``, ``n <- n + 1``,
+        ``eta_max <- max(eta_max, lr)``. A parameter without a gradient was not
+        moved: its sample is 0.
+        """
         if self.predicts and isinstance(self.optimizer, torch.optim.SGD):
             if any(g["momentum"] == 0 for g in self.optimizer.param_groups):
                 self.last_grads = list(grads)
-        if self.delta is not None:
-            gamma = self.policy.velocity.gamma
-            with torch.no_grad():
+        with torch.no_grad():
+            if self.delta is not None:
+                gamma = self.policy.velocity.gamma
                 for dl, p in zip(self.delta, self.params):
                     dl.add_(p.detach(), alpha=1.0 - gamma)
+            if self.sq_steps is not None and self.optimizer is not None:
+                self._measure_step(self.optimizer, grads)
+
+    def _measure_step(self, optimizer: torch.optim.Optimizer, grads: Grads) -> None:
+        assert self.sq_steps is not None
+        beta = self.policy.correction.gap_beta
+        for i, (r, p, g) in enumerate(zip(self.sq_steps, self.params, grads)):
+            group = self._group[i]
+            r.mul_(beta)
+            u = None if g is None else step_direction(optimizer, p, group, g)
+            if u is not None:
+                r.addcmul_(u, u, value=1.0 - beta)
+            self.max_lrs[i] = max(self.max_lrs[i], float(group["lr"]))
+        self.steps += 1
 
     # -- figures and state -------------------------------------------------------------------
     @property
@@ -242,6 +263,7 @@ class StageRemedies:
             "delta": self.delta,
             "sq_steps": self.sq_steps,
             "steps": self.steps,
+            "max_lrs": self.max_lrs,
             "last_grads": self.last_grads,
         }
 
@@ -260,5 +282,14 @@ class StageRemedies:
                 for a, b in zip(mine, theirs):
                     a.copy_(b)
         self.steps = int(state.get("steps", 0))
+        if self.sq_steps is not None and state.get("sq_steps") is not None:
+            lrs = state.get("max_lrs")
+            if lrs is None:
+                raise ConfigError(
+                    "the checkpoint's Gap-Aware state has no largest learning rate per tensor "
+                    "(written before C measured the optimizer's step): resume without "
+                    "correction gap-aware, or train again"
+                )
+            self.max_lrs = [float(x) for x in lrs]
         grads = state.get("last_grads")
         self.last_grads = None if grads is None else list(grads)
