@@ -20,11 +20,12 @@ import torch
 from torch import Tensor, nn
 
 from timeprest.device import sync_device
-from timeprest.errors import NonFiniteLossError, ShapeError
+from timeprest.errors import NonFiniteLossError
 from timeprest.policy.plan import StagePlan
 from timeprest.policy.rules import Policy
 from timeprest.report import DEFAULT_DISTANCE_EVERY, StageReport, StageStep
 from timeprest.schedule.actions import Action
+from timeprest.stage.checks import checked_forward, checked_loss
 from timeprest.stage.io import Batches
 from timeprest.stage.precision import autocast, unscale
 from timeprest.stage.remedies import StageRemedies
@@ -32,9 +33,11 @@ from timeprest.stage.replicas import GradCombiner
 from timeprest.stage.weights import (
     Grads,
     Saved,
+    blend,
     call_with,
     microbatch_seed,
     parameter_slots,
+    relative_distance,
     seeded,
     weight_tokens,
 )
@@ -252,38 +255,13 @@ class StageRunner:
     def _checked_call(self, weights: list[Tensor], x: Tensor) -> Tensor:
         if self._checked_input:
             return self._call(weights, x)
-        try:
-            out = self._call(weights, x)
-        except (RuntimeError, TypeError, ValueError) as exc:
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            what = "the input batch" if self.is_first else f"the output of stage {self.index - 1}"
-            raise ShapeError(
-                f"stage {self.index} cannot consume {what} "
-                f"(shape {tuple(x.shape)}, dtype {x.dtype}): {first}"
-            ) from exc
-        if not isinstance(out, Tensor):
-            raise ShapeError(
-                f"stage {self.index} returned {type(out).__name__}; each stage must return one tensor"
-            )
+        out = checked_forward(self.index, lambda inp: self._call(weights, inp), x)
         self._checked_input = True
         return out
 
     def _loss(self, out: Tensor, target: Tensor | None, t: int, j: int) -> Tensor:
         assert self.loss_fn is not None and target is not None
-        try:
-            loss = self.loss_fn(out, target)
-        except (RuntimeError, TypeError, ValueError) as exc:
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise ShapeError(
-                f"loss_fn failed on the output of stage {self.index} (shape {tuple(out.shape)}) "
-                f"and the target (shape {tuple(target.shape)}): {first}"
-            ) from exc
-        if loss.numel() != 1:
-            raise ShapeError(
-                f"loss_fn returned shape {tuple(loss.shape)}; it must return a scalar "
-                "(use the default mean reduction)"
-            )
-        return loss
+        return checked_loss(self.index, self.loss_fn, out, target)
 
     def _backward_root(self, loss: Tensor, frac: float) -> Tensor:
         """What the last stage backpropagates: its share of the mini-batch's loss (section 7),
@@ -363,16 +341,7 @@ class StageRunner:
         if len(reads) == 1:
             return self.store.get(self.base_version + reads[0]), 0
         sigma = self.policy.significance(k - v)
-        stale, latest = self.store.get(v), self.store.get(k)
-        pool = self.store.pool
-        mixed = [pool.take(b) for b in latest]
-        with torch.no_grad():  # sigma * a + (1 - sigma) * b, written into reused tensors
-            for out, a, b in zip(mixed, stale, latest):
-                scratch = pool.take(b)
-                torch.mul(a, sigma, out=out)
-                torch.mul(b, 1.0 - sigma, out=scratch)
-                out.add_(scratch)
-                pool.give([scratch])
+        mixed = blend(self.store.pool, self.store.get(v), self.store.get(k), sigma)
         self._bw_owned.extend(mixed)
         return mixed, tensor_bytes(mixed)
 
@@ -392,14 +361,7 @@ class StageRunner:
         latest = self.store.get(k)
         if all(a is b or a.data_ptr() == b.data_ptr() for a, b in zip(weights, latest)):
             return 0.0
-        if not measure:
-            return None
-        # per-tensor norms in the weights' own dtype, summed in Python floats: a
-        # report figure, so float64 copies of every weight are not worth their cost
-        with torch.no_grad():
-            num = sum(float(torch.linalg.vector_norm(a - b)) ** 2 for a, b in zip(weights, latest))
-            den = sum(float(torch.linalg.vector_norm(b)) ** 2 for b in latest)
-        return math.sqrt(num) / math.sqrt(den) if den > 0 else 0.0
+        return relative_distance(weights, latest) if measure else None
 
     def _recompute_grads(
         self,

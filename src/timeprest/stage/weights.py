@@ -21,12 +21,15 @@ the same cast of the backward weights (docs/design.md section 11).
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import Tensor, nn
+
+from timeprest.versions import BufferPool
 
 Slots = list[list[tuple[nn.Module, str]]]
 Grads = list[Tensor | None]  # a stage's accumulated gradients, None where none arrived
@@ -170,3 +173,29 @@ def weight_tokens(
         return p
 
     return pack, unpack
+
+
+def blend(
+    pool: BufferPool, stale: list[Tensor], latest: list[Tensor], sigma: float
+) -> list[Tensor]:
+    """The intermediate weight ``sigma * stale + (1 - sigma) * latest`` (docs/design.md
+    section 5), computed as written (the same bits as the expression) into pool tensors."""
+    out = [pool.take(b) for b in latest]
+    with torch.no_grad():
+        for o, a, b in zip(out, stale, latest):
+            scratch = pool.take(b)
+            torch.mul(a, sigma, out=o)
+            torch.mul(b, 1.0 - sigma, out=scratch)
+            o.add_(scratch)
+            pool.give([scratch])
+    return out
+
+
+def relative_distance(weights: Sequence[Tensor], latest: Sequence[Tensor]) -> float:
+    """``||weights - latest|| / ||latest||`` over all tensors together (docs/design.md 8)."""
+    # per-tensor norms in the weights' own dtype, summed in Python floats: a
+    # report figure, so float64 copies of every weight are not worth their cost
+    with torch.no_grad():
+        num = sum(float(torch.linalg.vector_norm(a - b)) ** 2 for a, b in zip(weights, latest))
+        den = sum(float(torch.linalg.vector_norm(b)) ** 2 for b in latest)
+    return math.sqrt(num) / math.sqrt(den) if den > 0 else 0.0
