@@ -48,3 +48,30 @@ def test_tokens_make_the_backward_read_other_weights() -> None:
     assert torch.allclose(dx, dy @ w_bwd)
     assert torch.allclose(dw, dy.T @ x.detach())
     assert saved.activation_bytes == x.numel() * x.element_size()  # x counted, the weight not
+
+
+def test_forwards_without_tokens_train_and_count_as_with_them() -> None:
+    """Forwards whose backward reads their own weights (d = 0) run without the saved-tensor
+    tokens: the same bits and the same saved-activation figures as with tokens everywhere
+    (forced here as a module with buffers does), for a flush and an asynchronous method."""
+    import timeprest
+    from helpers import regression_batches, sgd, tanh_mlp_stages
+
+    for method in ("gpipe", "pipedream", "i-timeprest"):
+        runs = []
+        for forced in (False, True):
+            pipe = timeprest.Pipeline(
+                tanh_mlp_stages(3), method=method, num_microbatches=2, optimizer=sgd(0.1),
+                loss_fn=torch.nn.functional.mse_loss,
+            )  # fmt: skip
+            for r in pipe.runners:
+                r._has_buffers = forced
+            pipe.train(regression_batches(num=5))
+            runs.append(pipe)
+        plain, tokens = runs
+        for a, b in zip(plain.runners, tokens.runners):
+            assert all(torch.equal(p, q) for p, q in zip(a.params, b.params))
+            assert a.report() == b.report() and a.report().peak_activation_bytes > 0
+        assert [m.loss for m in plain.report.minibatches] == [
+            m.loss for m in tokens.report.minibatches
+        ]

@@ -97,6 +97,9 @@ class StageRunner:
         self.activation_bytes_live = 0
         self.peak_activation_bytes = 0
         self._checked_input = False
+        # saved-activation bytes per input (shape, dtype), counted by the first forward's tokens
+        self._activation_bytes: dict[tuple[tuple[int, ...], torch.dtype], int] = {}
+        self._has_buffers = any(True for _ in module.buffers())
         # per-schedule state, set by begin()
         self.plan: StagePlan | None = None
         self.base_version = 0  # updates applied before the current schedule
@@ -230,12 +233,18 @@ class StageRunner:
             reads, extra = self.remedies.predicted(leaves, d)
             self.store.observe(extra)
             saved = Saved(x if not self.is_first else None, None, leaves, v, 0)
-            hooks = weight_tokens(saved, self.module, reads)
-            with (
-                torch.autograd.graph.saved_tensors_hooks(*hooks),
-                self._rng(t, j),
-                autocast(self.device, self.precision),
-            ):
+            shape = (tuple(x.shape), x.dtype)
+            known = self._activation_bytes.get(shape)
+            # d = 0: the backward reads these very tensors, and no update comes between, so
+            # autograd may keep them as they are (the tokens cost as much as the forward
+            # at small sizes); buffers (BatchNorm statistics) still need the tokens
+            tokens = d != 0 or self._has_buffers or known is None
+            hooks = (
+                torch.autograd.graph.saved_tensors_hooks(*weight_tokens(saved, self.module, reads))
+                if tokens
+                else contextlib.nullcontext()
+            )
+            with hooks, self._rng(t, j), autocast(self.device, self.precision):
                 out = self._checked_call(reads, x)
                 if self.is_last:
                     loss = self._loss(out, target, t, j)
@@ -245,6 +254,10 @@ class StageRunner:
             else:
                 sent = out.detach()
             saved.out = out
+            if tokens:  # the saved bytes of this input shape, for the forwards without tokens
+                self._activation_bytes.setdefault(shape, saved.activation_bytes)
+            else:
+                saved.activation_bytes = known or 0
         self._saved[(t, j)] = saved
         self.activation_bytes_live += saved.activation_bytes
         self.peak_activation_bytes = max(self.peak_activation_bytes, self.activation_bytes_live)

@@ -71,18 +71,35 @@ def microbatch_seed(seed: int, stage: int, t: int, j: int) -> int:
     return (h * 1_000_037 + j) % (2**63 - 1)
 
 
+class _SeededCPU:
+    """The CPU generator seeded inside, its state restored after (what ``fork_rng`` does for
+    the CPU, without its per-call set-up: this runs at every forward)."""
+
+    __slots__ = ("seed", "state")
+
+    def __init__(self, seed: int) -> None:
+        self.seed = seed
+
+    def __enter__(self) -> None:
+        self.state = torch.default_generator.get_state()
+        torch.default_generator.manual_seed(self.seed)
+
+    def __exit__(self, *exc: object) -> None:
+        torch.default_generator.set_state(self.state)
+
+
 def seeded(device: torch.device, seed: int) -> contextlib.AbstractContextManager[Any]:
     """Run with the device's generator seeded by ``seed``, the caller's random state kept."""
-    cuda = device.type == "cuda"
+    if device.type != "cuda":
+        return _SeededCPU(seed)
 
     @contextlib.contextmanager
     def ctx() -> Iterator[None]:
-        # only this stage's device generator is forked and seeded
-        with torch.random.fork_rng(devices=[device] if cuda else []):
+        # only this stage's device generator is forked and seeded (the CPU's too)
+        with torch.random.fork_rng(devices=[device]):
             torch.default_generator.manual_seed(seed)
-            if cuda:
-                with torch.cuda.device(device):
-                    torch.cuda.manual_seed(seed)
+            with torch.cuda.device(device):
+                torch.cuda.manual_seed(seed)
             yield
 
     return ctx()
