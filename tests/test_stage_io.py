@@ -23,6 +23,15 @@ def minibatches(count: int, rows: int = 5) -> list[tuple[torch.Tensor, torch.Ten
     ]
 
 
+def test_split_batches_cut_as_tensor_split_does() -> None:
+    for rows in (1, 2, 7, 16, 33):
+        for n in range(1, min(rows, 9) + 1):
+            x = torch.arange(rows * 2).reshape(rows, 2)
+            source = SplitBatches([(x, x)], n)
+            for j, want in enumerate(torch.tensor_split(x, n)):
+                assert torch.equal(source.input(0, j), want)
+
+
 def test_split_batches_cut_owned_microbatches() -> None:
     data = minibatches(2)
     src = SplitBatches(data, 2)
