@@ -192,7 +192,9 @@ def weight_tokens(
     return pack, unpack
 
 
-def blend(pool: BufferPool, stale: list[Tensor], latest: list[Tensor], sigma: float) -> list[Tensor]:
+def blend(
+    pool: BufferPool, stale: list[Tensor], latest: list[Tensor], sigma: float
+) -> list[Tensor]:
     """The intermediate weight ``sigma * stale + (1 - sigma) * latest`` (docs/design.md
     section 5), as one ``lerp`` per tensor into pool tensors: one pass over the two
     versions instead of three, and still exactly ``latest`` at sigma = 0 and ``stale``
