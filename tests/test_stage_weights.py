@@ -57,14 +57,14 @@ def test_forwards_without_tokens_train_and_count_as_with_them() -> None:
     import timeprest
     from helpers import regression_batches, sgd, tanh_mlp_stages
 
-    for method in ("gpipe", "pipedream", "i-timeprest"):
+    for method in ("gpipe", "pipedream", "v-timeprest", "i-timeprest"):
         runs = []
         for forced in (False, True):
             pipe = timeprest.Pipeline(
                 tanh_mlp_stages(3), method=method, num_microbatches=2, optimizer=sgd(0.1),
                 loss_fn=torch.nn.functional.mse_loss,
             )  # fmt: skip
-            for r in pipe.runners:
+            for r in pipe.runners:  # tokens wherever the forward has them, as with buffers
                 r._has_buffers = forced
             pipe.train(regression_batches(num=5))
             runs.append(pipe)
@@ -75,3 +75,31 @@ def test_forwards_without_tokens_train_and_count_as_with_them() -> None:
         assert [m.loss for m in plain.report.minibatches] == [
             m.loss for m in tokens.report.minibatches
         ]
+
+
+def test_latest_backwards_need_no_tokens_but_stashed_ones_do(monkeypatch) -> None:
+    """V-TiMePReSt's stale forwards read the live weights and their backwards the latest
+    ones, which autograd then holds anyway: only each stage's first forward (counting its
+    saved bytes) takes tokens. PipeDream's stashed backwards read other tensors: tokens."""
+    import timeprest
+    import timeprest.stage.runner as runner_module
+    from helpers import regression_batches, sgd, tanh_mlp_stages
+
+    calls = []
+    real = runner_module.weight_tokens
+
+    def counting(saved, module, reads=None):
+        calls.append(saved.version)
+        return real(saved, module, reads)
+
+    monkeypatch.setattr(runner_module, "weight_tokens", counting)
+    for method, first_only in (("v-timeprest", True), ("pipedream", False)):
+        calls.clear()
+        pipe = timeprest.Pipeline(
+            tanh_mlp_stages(3), method=method, num_microbatches=2, optimizer=sgd(0.1),
+            loss_fn=torch.nn.functional.mse_loss,
+        )  # fmt: skip
+        pipe.train(regression_batches(num=6))
+        stale = [d for m in pipe.report.minibatches for d in m.stages[0].staleness if d > 0]
+        assert stale  # stage 0 ran stale forwards
+        assert (len(calls) == 3) == first_only

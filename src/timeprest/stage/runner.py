@@ -36,6 +36,7 @@ from timeprest.stage.weights import (
     blend,
     call_with,
     microbatch_seed,
+    own_counter,
     parameter_slots,
     relative_distance,
     seeded,
@@ -229,16 +230,21 @@ class StageRunner:
             else:
                 sent = out.detach()
         else:
-            leaves = [w.detach().requires_grad_() for w in weights]
+            # the backward reads what autograd would keep: the forward's tensors (d = 0), or
+            # the live storage this forward read, updated in place to the backward's k
+            # (a latest backward, float32): then no tokens (they cost as much as the
+            # forward at small sizes); buffers (BatchNorm statistics) still need them
+            same = d == 0 or self._reads_live_at_backward(t, j, v, d)
+            if same and d > 0:  # autograd's check must not see the updates in between
+                leaves = [own_counter(w).requires_grad_() for w in weights]
+            else:
+                leaves = [w.detach().requires_grad_() for w in weights]
             reads, extra = self.remedies.predicted(leaves, d)
             self.store.observe(extra)
             saved = Saved(x if not self.is_first else None, None, leaves, v, 0)
             shape = (tuple(x.shape), x.dtype)
             known = self._activation_bytes.get(shape)
-            # d = 0: the backward reads these very tensors, and no update comes between, so
-            # autograd may keep them as they are (the tokens cost as much as the forward
-            # at small sizes); buffers (BatchNorm statistics) still need the tokens
-            tokens = d != 0 or self._has_buffers or known is None
+            tokens = not same or self._has_buffers or known is None
             hooks = (
                 torch.autograd.graph.saved_tensors_hooks(*weight_tokens(saved, self.module, reads))
                 if tokens
@@ -264,6 +270,21 @@ class StageRunner:
         step = self.steps.setdefault(t, StageStep())
         step.forward_versions.append(v)
         return sent
+
+    def _reads_live_at_backward(self, t: int, j: int, v: int, d: int) -> bool:
+        """Whether F{t}.{j}'s backward reads exactly the live tensors this forward reads,
+        as they will be then: the forward reads the live version, the backward the
+        latest one unchanged (no blend, extrapolation or prediction), and autograd keeps
+        the weights themselves (float32: no autocast casts of them)."""
+        assert self.plan is not None
+        k = self.plan.backward_version[(t, j)]
+        return (
+            v == self.store.latest
+            and self.precision == "fp32"
+            and not self.remedies.predicts
+            and self.policy.weight_reads(k - d, k) == (k,)
+            and self.policy.velocity_scale(d) == 0.0
+        )
 
     def _checked_call(self, weights: list[Tensor], x: Tensor) -> Tensor:
         if self._checked_input:
