@@ -77,10 +77,11 @@ def test_forwards_without_tokens_train_and_count_as_with_them() -> None:
         ]
 
 
-def test_latest_backwards_need_no_tokens_but_stashed_ones_do(monkeypatch) -> None:
+def test_only_blended_backwards_need_tokens(monkeypatch) -> None:
     """V-TiMePReSt's stale forwards read the live weights and their backwards the latest
-    ones, which autograd then holds anyway: only each stage's first forward (counting its
-    saved bytes) takes tokens. PipeDream's stashed backwards read other tensors: tokens."""
+    ones, which autograd then holds anyway; PipeDream's read the version the forward read,
+    whose tensors its stash keeps: only each stage's first forward (counting its saved
+    bytes) takes tokens. I-TiMePReSt's backwards read a blend: tokens at every stale one."""
     import timeprest
     import timeprest.stage.runner as runner_module
     from helpers import regression_batches, sgd, tanh_mlp_stages
@@ -93,7 +94,7 @@ def test_latest_backwards_need_no_tokens_but_stashed_ones_do(monkeypatch) -> Non
         return real(saved, module, reads)
 
     monkeypatch.setattr(runner_module, "weight_tokens", counting)
-    for method, first_only in (("v-timeprest", True), ("pipedream", False)):
+    for method, first_only in (("v-timeprest", True), ("pipedream", True), ("i-timeprest", False)):
         calls.clear()
         pipe = timeprest.Pipeline(
             tanh_mlp_stages(3), method=method, num_microbatches=2, optimizer=sgd(0.1),

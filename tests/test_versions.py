@@ -41,26 +41,35 @@ def test_optimizer_state_bytes() -> None:
     assert optimizer_state_bytes(opt) == 2 * 40 + tensor_bytes([opt.state[p]["step"]])
 
 
-def test_a_released_stash_is_written_into_by_the_next() -> None:
-    """The tensors of a dropped version come back for the next stash (no new allocation),
-    and the new stash holds the new values, not the old ones."""
+def test_a_stash_keeps_the_tensors_and_the_parameter_moves_to_a_reused_copy() -> None:
+    """Stashing keeps the tensors that held the version (a forward's saved tensors of it
+    stay valid) and moves the parameter to a copy; a released stash's tensors are where
+    the next move goes (no new allocation); a differently shaped request never gets them."""
     p = nn.Parameter(torch.arange(6.0).reshape(2, 3))
+    before = p.detach()
     store = VersionStore([p])
     store.stash_latest()
-    first = store.get(0)[0]
-    assert not first.requires_grad and first.stride() == p.stride()
     with torch.no_grad():
         p.mul_(2.0)
     store.advance()
+    kept = store.get(0)[0]
+    assert kept.data_ptr() == before.data_ptr() and p.data_ptr() != before.data_ptr()
+    assert not kept.requires_grad and kept.stride() == p.stride()
+    assert torch.equal(kept, torch.arange(6.0).reshape(2, 3))  # untouched by the update
+    seen = kept._version
+    with torch.no_grad():
+        p.add_(1.0)  # a further update does not count as a change of the stash
+    assert kept._version == seen and torch.equal(kept, torch.arange(6.0).reshape(2, 3))
+    with torch.no_grad():
+        p.sub_(1.0)
     store.release(0)
     assert store.pool.bytes == 24  # held for reuse, not counted as a version
     store.stash_latest()
-    again = store.get(1)[0]
-    assert again.data_ptr() == first.data_ptr() and store.pool.bytes == 0
-    assert torch.equal(again, torch.arange(6.0).reshape(2, 3) * 2.0)
-    # a differently shaped request never gets it
+    assert p.data_ptr() == before.data_ptr() and store.pool.bytes == 0
+    assert torch.equal(store.get(1)[0], torch.arange(6.0).reshape(2, 3) * 2.0)
+    assert torch.equal(p.detach(), torch.arange(6.0).reshape(2, 3) * 2.0)
     store.release(1)
     other = store.pool.take(torch.zeros(3, 2))
-    assert other.data_ptr() != first.data_ptr() and other.shape == (3, 2)
+    assert other.shape == (3, 2) and store.pool.bytes == 24
     store.pool.clear()
     assert store.pool.bytes == 0

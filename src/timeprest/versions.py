@@ -1,10 +1,13 @@
 """The tensors behind weight versions at one stage, with byte accounting.
 
 The latest version is the stage's live parameters (the optimizer updates
-them in place). Older versions that a later action still reads are kept as
-detached copies ("stashed"), made just before the update that would
-overwrite them and dropped right after their last reader: the version plan
-(:mod:`timeprest.policy.plan`) says when.
+them in place). An older version that a later action still reads is kept
+("stashed") from just before the update that would overwrite it until right
+after its last reader: the version plan (:mod:`timeprest.policy.plan`) says
+when. Stashing keeps the tensors that held the version and moves the
+parameters to a copy, which the optimizer then updates: so a forward's saved
+tensors of that version stay untouched, and a backward that reads it can use
+what autograd kept (docs/design.md section 5).
 
 A dropped copy's tensors go back to a :class:`BufferPool` and the next copy
 is written into them, as is the intermediate weight of a backward: a fresh
@@ -31,6 +34,16 @@ def optimizer_state_bytes(optimizer: torch.optim.Optimizer | None) -> int:
     return tensor_bytes(
         [v for state in optimizer.state.values() for v in state.values() if isinstance(v, Tensor)]
     )
+
+
+def own_counter(w: Tensor) -> Tensor:
+    """``w``'s storage and layout under a tensor with its own version counter: in-place
+    changes made through ``w`` change what it reads but do not count as changes of it,
+    so autograd keeps it without objecting to the updates of the parameter ``w``."""
+    alias = torch.empty(0, dtype=w.dtype, device=w.device)
+    with torch.no_grad():
+        alias.set_(w.untyped_storage(), w.storage_offset(), w.size(), w.stride())
+    return alias
 
 
 class BufferPool:
@@ -98,12 +111,15 @@ class VersionStore:
 
     # -- changing ----------------------------------------------------------
     def stash_latest(self) -> None:
-        """Copy the latest version before an update overwrites it."""
+        """Keep the latest version before an update overwrites it: its tensors become the
+        stash, and the parameters move to a copy (which the update then changes)."""
         with torch.no_grad():
-            copies = [self.pool.take(p) for p in self.params]
-            for c, p in zip(copies, self.params):
-                c.copy_(p.detach())
-            self._stash[self.latest] = copies
+            kept = [own_counter(p.detach()) for p in self.params]
+            for p in self.params:
+                fresh = self.pool.take(p)
+                fresh.copy_(p.detach())
+                p.data = fresh
+            self._stash[self.latest] = kept
         self.observe()
 
     def advance(self) -> None:

@@ -36,13 +36,12 @@ from timeprest.stage.weights import (
     blend,
     call_with,
     microbatch_seed,
-    own_counter,
     parameter_slots,
     relative_distance,
     seeded,
     weight_tokens,
 )
-from timeprest.versions import VersionStore, optimizer_state_bytes, tensor_bytes
+from timeprest.versions import VersionStore, optimizer_state_bytes, own_counter, tensor_bytes
 
 if TYPE_CHECKING:
     from timeprest.stage.sync import UpdateGroup
@@ -272,19 +271,23 @@ class StageRunner:
         return sent
 
     def _reads_live_at_backward(self, t: int, j: int, v: int, d: int) -> bool:
-        """Whether F{t}.{j}'s backward reads exactly the live tensors this forward reads,
-        as they will be then: the forward reads the live version, the backward the
-        latest one unchanged (no blend, extrapolation or prediction), and autograd keeps
-        the weights themselves (float32: no autocast casts of them)."""
+        """Whether F{t}.{j}'s backward (d > 0) reads exactly the tensors this forward reads,
+        as they will be then, so that autograd may keep them instead of weight tokens.
+
+        The forward reads the live version; autograd must keep the weights themselves
+        (float32: no autocast casts of them; no prediction); and the backward reads
+        either that version, which its update then stashes as these very tensors
+        (:meth:`VersionStore.stash_latest`), or the latest one, unchanged (no blend or
+        extrapolation), in live tensors no stash moved in between (none in this plan).
+        """
         assert self.plan is not None
+        if v != self.store.latest or self.precision != "fp32" or self.remedies.predicts:
+            return False
         k = self.plan.backward_version[(t, j)]
-        return (
-            v == self.store.latest
-            and self.precision == "fp32"
-            and not self.remedies.predicts
-            and self.policy.weight_reads(k - d, k) == (k,)
-            and self.policy.velocity_scale(d) == 0.0
-        )
+        reads = self.policy.weight_reads(k - d, k)
+        if reads == (k - d,):  # stashed: these tensors become the stash of v
+            return True
+        return reads == (k,) and self.policy.velocity_scale(d) == 0.0 and not self.plan.stash_at
 
     def _checked_call(self, weights: list[Tensor], x: Tensor) -> Tensor:
         if self._checked_input:

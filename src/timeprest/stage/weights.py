@@ -65,17 +65,6 @@ def call_with(
     return out
 
 
-def own_counter(w: Tensor) -> Tensor:
-    """``w``'s storage and layout under a tensor with its own version counter: in-place
-    updates of ``w`` change what it reads, but do not count as changes of it. For the
-    forward of a backward that reads the live weights as updated (docs/design.md
-    section 5): autograd then keeps the live storage without objecting to the updates."""
-    alias = torch.empty(0, dtype=w.dtype, device=w.device)
-    with torch.no_grad():
-        alias.set_(w.untyped_storage(), w.storage_offset(), w.size(), w.stride())
-    return alias
-
-
 def microbatch_seed(seed: int, stage: int, t: int, j: int) -> int:
     """A seed per (stage, mini-batch, micro-batch): RNG use is independent of stage interleaving."""
     h = (seed * 1_000_003 + stage) * 1_000_033 + t
