@@ -41,9 +41,7 @@ def own_counter(w: Tensor) -> Tensor:
     changes made through ``w`` change what it reads but do not count as changes of it,
     so autograd keeps it without objecting to the updates of the parameter ``w``."""
     alias = torch.empty(0, dtype=w.dtype, device=w.device)
-    with torch.no_grad():
-        alias.set_(w.untyped_storage(), w.storage_offset(), w.size(), w.stride())
-    return alias
+    return alias.set_(w.untyped_storage(), w.storage_offset(), w.size(), w.stride())
 
 
 class BufferPool:
