@@ -68,9 +68,10 @@ def clamp(x: float, lo: int, hi: int) -> int:
 
 def minibatches_for(fb: float, n: int, seconds: float = 0.8) -> int:
     """Mini-batches of N micro-batches per timed run: about ``seconds`` of one stage's
-    F + B, at least 3 mini-batches (a steady middle to measure), at most 96 micro-batches."""
+    F + B, at least 8 mini-batches (a steady middle of several intervals to measure),
+    at most 96 micro-batches unless 8 mini-batches need more."""
     micro = clamp(seconds / fb, 1, 96)
-    return max(3, math.ceil(micro / n))
+    return max(8, math.ceil(micro / n))
 
 
 def environment(threads: int) -> str:

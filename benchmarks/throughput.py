@@ -374,6 +374,12 @@ def worker(rank: int, args: argparse.Namespace, port: int) -> None:
         assert template is not None
         sims = predict(args, profiles, template, links, rates, steady)
         works = where_time_goes(args, stage_times, breakdowns, rates)
+        # steady state against the bound: the bound's time for one mini-batch over the
+        # measured interval between losses in the middle half (no fill or drain)
+        for name in steady:
+            nn_ = 1 if name == "pipedream" else n
+            ratios = [nn_ * m / b / st for b, st in zip(bounds[name], steady[name])]
+            works.setdefault(name, {})["steady_of_bound"] = statistics.median(ratios)
         if args.result:
             for name, row in summary["methods"].items():
                 row.update(sims.get(name, {}), **works.get(name, {}))
@@ -664,7 +670,7 @@ def grid_summary(args: argparse.Namespace, results: list[dict[str, Any]]) -> Non
     fmt = _grid.fmt
     methods = [s for s in args.methods.split(",") if s]
     header = ["width", "rows", "N", "bubble", "F+B ms", "F+B alone ms", "method"]
-    header += ["/ Schedule1F1B", "/ ScheduleGPipe", "/ bound", "/ bound alone"]
+    header += ["/ Schedule1F1B", "/ ScheduleGPipe", "/ bound", "/ bound alone", "steady / bound"]
     header += ["work / F+B", "sim / steady"]
     rows = []
     for p in results:
@@ -678,15 +684,17 @@ def grid_summary(args: argparse.Namespace, results: list[dict[str, Any]]) -> Non
             rows.append(
                 [str(p["width"]), str(p["rows"]), str(p["n"]), fmt(bubble), fmt(fb, 1)]
                 + [fmt(fb_alone, 1), name, fmt(r["vs_1f1b"]), fmt(r["vs_gpipe"])]
-                + [fmt(r["of_bound"])]
-                + [fmt(r["of_alone"]), fmt(r.get("work_of_fb")), fmt(r.get("pred_steady"))]
+                + [fmt(r["of_bound"]), fmt(r["of_alone"]), fmt(r.get("steady_of_bound"))]
+                + [fmt(r.get("work_of_fb")), fmt(r.get("pred_steady"))]
             )
     print("\n== throughput grid: summary ==")
     print(
         f"{args.layers} x Linear(width)+ReLU per stage, W = {W}, gloo on loopback, "
         f"{args.grid_rounds} rounds per point, medians of per-round ratios; bound = rows / "
         "max_s(F_s + B_s), both processes computing (F, B and an SGD step) at once; alone: "
-        "one process at a time; work / F+B: the larger stage's work per micro-batch in the "
+        "one process at a time; steady / bound: the bound's time per mini-batch over the "
+        "measured interval between losses in the run's middle half (no fill or drain); "
+        "work / F+B: the larger stage's work per micro-batch in the "
         "run over its concurrent F + B; sim / steady: the simulator's time per mini-batch "
         "over the measured steady one; bubble: Schedule1F1B's (W-1)/(N+W-1)"
     )
