@@ -15,7 +15,9 @@ parameters that the optimizer updates in place. Buffers (BatchNorm running
 statistics) are kept by reference, never versioned. Under autocast a saved
 weight is often the weight's lower-precision cast (another storage): it is
 recognised from its autograd node (a copy of the weight leaf) and unpacks to
-the same cast of the backward weights (docs/design.md section 11).
+the same cast of the backward weights (docs/design.md section 11). A forward
+whose backward reads exactly what autograd would keep runs without the tokens
+(the runner decides; docs/design.md section 5).
 """
 
 from __future__ import annotations
