@@ -26,6 +26,8 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
+from timeprest.report import mean_known
+
 VARIANTS = [
     "gpipe",
     "1f1b",
@@ -124,14 +126,15 @@ def table(results: dict[str, list[dict[str, Any]]], target: float | None) -> str
         reach = [x["epochs_to_target"] for x in s]
         reach_txt = ", ".join("-" if r is None else str(r) for r in reach)
         stale = [statistics.mean(col) for col in zip(*[x["mean_staleness"] for x in s])]
-        dist = [statistics.mean(col) for col in zip(*[x["mean_relative_distance"] for x in s])]
+        # measured every --distance-every mini-batches: None where an epoch had none
+        dist = [mean_known(c) for c in zip(*[x["mean_relative_distance"] for x in s])]
         peak = s[0]["peak_weight_bytes"]
         ept = statistics.mean(x["mean_epoch_time"] for x in s)
         rows.append(
             f"| {variant} | {fmt_mean_std(final)} | {fmt_mean_std(best)} | {reach_txt} | "
             + " / ".join(f"{v:.2f}" for v in stale)
             + " | "
-            + " / ".join(f"{v:.4f}" for v in dist)
+            + " / ".join("-" if v is None else f"{v:.4f}" for v in dist)
             + " | "
             + " / ".join(f"{b / 1024:.0f}" for b in peak)
             + f" | {ept:.0f} |"

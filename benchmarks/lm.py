@@ -27,6 +27,8 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
+from timeprest.report import mean_known
+
 
 def run_one(job: dict[str, Any]) -> dict[str, Any]:
     """Train one (method, seed) in this worker process; its summary, or its divergence."""
@@ -105,7 +107,8 @@ def table(results: dict[str, list[dict[str, Any]]], target: float, tpm: int) -> 
         s = [r["summary"] for r in ok]
         reach = [tokens_to(target, Path(r["job"]["run_dir"]), tpm) for r in ok]
         stale = [statistics.mean(c) for c in zip(*[x["mean_staleness"] for x in s])]
-        dist = [statistics.mean(c) for c in zip(*[x["mean_relative_distance"] for x in s])]
+        # measured every --distance-every mini-batches: None where an epoch had none
+        dist = [mean_known(c) for c in zip(*[x["mean_relative_distance"] for x in s])]
         kib = " / ".join(f"{b / 1024:.0f}" for b in s[0]["peak_weight_bytes"])
         act = " / ".join(f"{b / 1024:.0f}" for b in s[0]["peak_activation_bytes"])
         out.append(
@@ -116,7 +119,7 @@ def table(results: dict[str, list[dict[str, Any]]], target: float, tpm: int) -> 
             + " | "
             + " / ".join(f"{v:.2f}" for v in stale)
             + " | "
-            + " / ".join(f"{v:.4f}" for v in dist)
+            + " / ".join("-" if v is None else f"{v:.4f}" for v in dist)
             + f" | {kib} | {act} | {statistics.mean(x['wall_time'] for x in s):.0f} |"
         )
     return "\n".join(out) + "\n"

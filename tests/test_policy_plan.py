@@ -80,3 +80,28 @@ def test_previous_without_its_double_buffer_is_a_schedule_error():
     sched = build_schedule("nf1b", 3, 2, 4, warn=False)
     with pytest.raises(ScheduleError, match="forward rule 'previous' needs version"):
         plan_versions(sched, Policy("previous", "stashed"))
+
+
+def test_which_backwards_read_the_tensors_their_forward_read():
+    """A stashed backward reads its forward's own version; a latest one the live tensors
+    as updated, unless a stash moved them (a plan with stashes); a blend never."""
+
+    def verdicts(method):
+        kind, policy = resolve_policy(method)
+        plans = plan_versions(build_schedule(kind, 3, 3, 6), policy)
+        return {
+            (p.stage, d > 0): p.backward_reads_forward_tensors(t, j, policy)
+            for p in plans
+            for (t, j), d in ((key, p.staleness(*key)) for key in p.forward_version)
+        }
+
+    assert set(verdicts("pipedream").values()) == {True}
+    assert set(verdicts("v-timeprest").values()) == {True}
+    assert verdicts("i-timeprest")[(0, True)] is False  # stale micro-batches read a blend
+    assert verdicts("i-timeprest")[(2, False)] is True  # d = 0 at the last stage
+    # latest backwards in a plan with stashes (the correction keeps v): not the live tensors
+    kind, policy = resolve_policy("v-timeprest", correction="dc")
+    plans = plan_versions(build_schedule(kind, 3, 3, 6), policy)
+    assert plans[0].stash_at
+    stale = [k for k in plans[0].forward_version if plans[0].staleness(*k) > 0]
+    assert not any(plans[0].backward_reads_forward_tensors(t, j, policy) for t, j in stale)

@@ -104,3 +104,59 @@ def test_only_blended_backwards_need_tokens(monkeypatch) -> None:
         stale = [d for m in pipe.report.minibatches for d in m.stages[0].staleness if d > 0]
         assert stale  # stage 0 ran stale forwards
         assert (len(calls) == 3) == first_only
+
+
+def test_under_autocast_every_forward_takes_tokens(monkeypatch) -> None:
+    """Under bf16 autograd would keep a cast of every weight: the tokens stay on, d = 0 too
+    (else each micro-batch in flight would hold its own half-precision weight copy)."""
+    import timeprest
+    import timeprest.stage.runner as runner_module
+    from helpers import regression_batches, sgd, tanh_mlp_stages
+
+    calls = []
+    real = runner_module.weight_tokens
+
+    def counting(saved, module, reads=None):
+        calls.append(saved.version)
+        return real(saved, module, reads)
+
+    monkeypatch.setattr(runner_module, "weight_tokens", counting)
+    pipe = timeprest.Pipeline(
+        tanh_mlp_stages(3, dtype=torch.float32), method="gpipe", num_microbatches=2,
+        optimizer=sgd(0.1), loss_fn=torch.nn.functional.mse_loss, precision="bf16",
+    )  # fmt: skip
+    pipe.train(regression_batches(num=3, dtype=torch.float32))
+    assert len(calls) == 3 * 3 * 2  # every forward of every stage
+
+
+def test_an_optimizer_that_rebinds_data_trains_as_one_that_updates_in_place() -> None:
+    """Forwards without tokens hold the live storage; an optimizer that assigns p.data
+    instead of updating in place has its values put back into that storage, so the
+    result equals the one with tokens everywhere (V-TiMePReSt and PipeDream)."""
+    import timeprest
+    from helpers import regression_batches, tanh_mlp_stages
+
+    class Rebind(torch.optim.Optimizer):
+        def __init__(self, params, lr):
+            super().__init__(params, {"lr": lr})
+
+        @torch.no_grad()
+        def step(self, closure=None):
+            for group in self.param_groups:
+                for p in group["params"]:
+                    if p.grad is not None:
+                        p.data = p.data - group["lr"] * p.grad
+
+    for method in ("v-timeprest", "pipedream"):
+        runs = []
+        for forced in (False, True):
+            pipe = timeprest.Pipeline(
+                tanh_mlp_stages(3), method=method, num_microbatches=2,
+                optimizer=lambda ps: Rebind(ps, 0.1), loss_fn=torch.nn.functional.mse_loss,
+            )  # fmt: skip
+            for r in pipe.runners:
+                r._has_buffers = forced
+            pipe.train(regression_batches(num=6))
+            runs.append(pipe)
+        for a, b in zip(runs[0].runners, runs[1].runners):
+            assert all(torch.equal(p, q) for p, q in zip(a.params, b.params))

@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING, Any
 
 from timeprest.errors import ConfigError
 from timeprest.files import read_json
+from timeprest.report import mean_known
 from timeprest.train.records import EpochRow, read_epochs
 
 if TYPE_CHECKING:
@@ -57,13 +58,10 @@ class RunData:
 
     def stage_mean(self, key: str) -> list[float]:
         """Per-stage mean over epochs (every epoch has the same number of mini-batches),
-        of the epochs where the figure was measured (0 if none)."""
+        of the epochs where the figure was measured (NaN if none: not drawn)."""
         rows = [getattr(e, key) for e in self.epochs]
-        means = []
-        for s in range(self.num_stages):
-            known = [r[s] for r in rows if r[s] is not None]
-            means.append(sum(known) / len(known) if known else 0.0)
-        return means
+        means = [mean_known(r[s] for r in rows) for s in range(self.num_stages)]
+        return [math.nan if m is None else m for m in means]
 
     def stage_peak(self, key: str) -> list[float]:
         rows = [getattr(e, key) for e in self.epochs]

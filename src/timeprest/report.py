@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -65,7 +66,10 @@ class Report:
     def mean_relative_distance(self, stage: int) -> float | None:
         """Mean over the mini-batches where it was measured; None if at none."""
         vals = [m.stages[stage].relative_distance for m in self.minibatches]
-        known = [v for v in vals if v is not None]
-        if not vals:
-            return 0.0
-        return sum(known) / len(known) if known else None
+        return mean_known(vals) if vals else 0.0
+
+
+def mean_known(values: Iterable[float | None]) -> float | None:
+    """The mean of the values that are not None (measured figures); None if there are none."""
+    known = [v for v in values if v is not None]
+    return sum(known) / len(known) if known else None

@@ -62,6 +62,22 @@ class StagePlan:
     def staleness(self, t: int, j: int) -> int:
         return self.backward_version[(t, j)] - self.forward_version[(t, j)]
 
+    def backward_reads_forward_tensors(self, t: int, j: int, policy: Policy) -> bool:
+        """Whether the backward of ``(t, j)`` reads the tensors a forward of the live version
+        read, as they are then, so that autograd may keep them (docs/design.md section 5).
+
+        True when it reads that same version (a stash keeps the version's own tensors
+        and moves the parameters to a copy), or the latest version unchanged (no blend
+        or extrapolation) in a plan without stashes, so that the live tensors are still
+        the parameters' and the updates bring them to ``k``.
+        """
+        k = self.backward_version[(t, j)]
+        d = k - self.forward_version[(t, j)]
+        reads = policy.weight_reads(k - d, k)
+        if reads == (k - d,):
+            return True
+        return reads == (k,) and policy.velocity_scale(d) == 0.0 and not self.stash_at
+
     def mean_staleness(self, t: int, num_microbatches: int) -> float:
         """Mean d over the micro-batches of mini-batch t (PipeMare's tau at this stage)."""
         ds = [self.staleness(t, j) for j in range(num_microbatches)]

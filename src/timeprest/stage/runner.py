@@ -25,19 +25,19 @@ from timeprest.policy.plan import StagePlan
 from timeprest.policy.rules import Policy
 from timeprest.report import DEFAULT_DISTANCE_EVERY, StageReport, StageStep
 from timeprest.schedule.actions import Action
+from timeprest.stage.backward import BackwardWeights
 from timeprest.stage.checks import checked_forward, checked_loss
 from timeprest.stage.io import Batches
 from timeprest.stage.precision import autocast, unscale
 from timeprest.stage.remedies import StageRemedies
 from timeprest.stage.replicas import GradCombiner
+from timeprest.stage.step import step_in_place
 from timeprest.stage.weights import (
     Grads,
     Saved,
-    blend,
     call_with,
     microbatch_seed,
     parameter_slots,
-    relative_distance,
     seeded,
     weight_tokens,
 )
@@ -91,9 +91,8 @@ class StageRunner:
         self.device = first.device if first is not None else torch.device("cpu")
         self._grads: list[Tensor | None] = [None] * len(self.params)
         self._saved: dict[tuple[int, int], Saved] = {}
-        # forward version -> (backward weights, transient bytes, distance), for one action
-        self._bw_cache: dict[int, tuple[list[Tensor], int, float | None]] = {}
-        self._bw_owned: list[Tensor] = []  # pool tensors behind the cached intermediate weights
+        # the weights each backward reads, built once per (action, forward version)
+        self._backward = BackwardWeights(policy, self.store, self.remedies)
         self.activation_bytes_live = 0
         self.peak_activation_bytes = 0
         self._checked_input = False
@@ -153,6 +152,8 @@ class StageRunner:
             self._release_at.setdefault(last, []).append(v)
         self.base_version = self.store.latest
         self.store.pool.clear()  # drained: nothing is stashed, the spare tensors go
+        # counted again per schedule (the module may have been switched to eval and back)
+        self._activation_bytes = {}
         self.base_minibatch = base_minibatch
         self.losses = {}
         self.steps = {}
@@ -166,18 +167,20 @@ class StageRunner:
         if action.kind == "B":
             # micro-batches of one action often share (forward, backward) versions:
             # build their backward weights and distance once
-            self._drop_bw_cache()
+            self._backward.drop()
 
     def end_action(self, index: int, action: Action) -> None:
         """Action ``index`` is done (after its last send): release what it last read."""
         assert self.plan is not None
         if action.kind == "B":
-            self._drop_bw_cache()
+            self._backward.drop()
             if self.remedies.corrects:  # [remedies] corrected gradients join the update's
                 for grads in self.remedies.flush(self.store.get, self.store.latest):
                     self._accumulate(grads)
         for v in self._release_at.get(index, ()):
             self.store.release(self.base_version + v)
+        if index == len(self.plan.held) - 1:  # drained: the spare tensors go
+            self.store.pool.clear()
         if self.action_times is not None:
             sync_device(self.device)
             count = len(action.microbatches(self.num_microbatches)) if action.kind == "B" else 1
@@ -233,7 +236,9 @@ class StageRunner:
             # the live storage this forward read, updated in place to the backward's k
             # (a latest backward, float32): then no tokens (they cost as much as the
             # forward at small sizes); buffers (BatchNorm statistics) still need them
-            same = d == 0 or self._reads_live_at_backward(t, j, v, d)
+            same = self.precision == "fp32" and (
+                d == 0 or self._reads_live_at_backward(t, j, v, d)
+            )  # under autocast autograd would keep a cast of every weight: tokens
             if same and d > 0:  # autograd's check must not see the updates in between
                 leaves = [own_counter(w).requires_grad_() for w in weights]
             else:
@@ -271,23 +276,12 @@ class StageRunner:
         return sent
 
     def _reads_live_at_backward(self, t: int, j: int, v: int, d: int) -> bool:
-        """Whether F{t}.{j}'s backward (d > 0) reads exactly the tensors this forward reads,
-        as they will be then, so that autograd may keep them instead of weight tokens.
-
-        The forward reads the live version; autograd must keep the weights themselves
-        (float32: no autocast casts of them; no prediction); and the backward reads
-        either that version, which its update then stashes as these very tensors
-        (:meth:`VersionStore.stash_latest`), or the latest one, unchanged (no blend or
-        extrapolation), in live tensors no stash moved in between (none in this plan).
-        """
+        """Whether F{t}.{j}'s backward (d > 0) reads the very tensors this live forward
+        reads, as they will be then (:meth:`StagePlan.backward_reads_forward_tensors`)."""
         assert self.plan is not None
-        if v != self.store.latest or self.precision != "fp32" or self.remedies.predicts:
+        if v != self.store.latest or self.remedies.predicts:  # autograd keeps the weights
             return False
-        k = self.plan.backward_version[(t, j)]
-        reads = self.policy.weight_reads(k - d, k)
-        if reads == (k - d,):  # stashed: these tensors become the stash of v
-            return True
-        return reads == (k,) and self.policy.velocity_scale(d) == 0.0 and not self.plan.stash_at
+        return self.plan.backward_reads_forward_tensors(t, j, self.policy)
 
     def _checked_call(self, weights: list[Tensor], x: Tensor) -> Tensor:
         if self._checked_input:
@@ -326,13 +320,8 @@ class StageRunner:
         v = saved.version
         k = self.store.latest
         assert k - self.base_version == self.plan.backward_version[(t, j)]
-        cached = self._bw_cache.get(v)
-        if cached is None:
-            weights, transient = self._backward_weights(v, k)
-            measure = (self.base_minibatch + t) % self.distance_every == 0
-            cached = (weights, transient, self._relative_distance(weights, k, v, measure))
-            self._bw_cache[v] = cached
-        weights, transient, dist = cached
+        measure = (self.base_minibatch + t) % self.distance_every == 0
+        weights, transient, dist = self._backward.get(v, k, self.base_version, measure)
         self.store.observe(transient)
         want_dx = not self.is_first
         if self.policy.grad_rule == "recompute":
@@ -369,36 +358,6 @@ class StageRunner:
                 continue
             acc = self._grads[i]
             self._grads[i] = g if acc is None else acc.add_(g)
-
-    def _backward_weights(self, v: int, k: int) -> tuple[list[Tensor], int]:
-        """The backward weights of a micro-batch with forward version v at version k."""
-        if self.policy.velocity_scale(k - v) != 0.0:  # [remedies] w_k - c * delta
-            return self.remedies.velocity_weights(self.store.get(k), k - v)
-        reads = self.policy.weight_reads(v - self.base_version, k - self.base_version)
-        if len(reads) == 1:
-            return self.store.get(self.base_version + reads[0]), 0
-        sigma = self.policy.significance(k - v)
-        mixed = blend(self.store.pool, self.store.get(v), self.store.get(k), sigma)
-        self._bw_owned.extend(mixed)
-        return mixed, tensor_bytes(mixed)
-
-    def _drop_bw_cache(self) -> None:
-        self._bw_cache = {}
-        if self._bw_owned:
-            self.store.pool.give(self._bw_owned)
-            self._bw_owned = []
-
-    def _relative_distance(
-        self, weights: list[Tensor], k: int, v: int, measure: bool
-    ) -> float | None:
-        """The report's distance of the backward weights from the latest (0 when they are
-        the latest); None when it would take a pass over the weights and ``measure`` is off."""
-        if v == k or not weights:
-            return 0.0
-        latest = self.store.get(k)
-        if all(a is b or a.data_ptr() == b.data_ptr() for a, b in zip(weights, latest)):
-            return 0.0
-        return relative_distance(weights, latest) if measure else None
 
     def _recompute_grads(
         self,
@@ -448,14 +407,7 @@ class StageRunner:
                 factor *= lr_rule.factor(self.base_minibatch + t, tau)
                 for group, base in zip(self.optimizer.param_groups, self._base_lrs):
                     group["lr"] = base * factor
-            for p, g in zip(self.params, grads):
-                p.grad = g
-            if self.clip_norm is not None:
-                torch.nn.utils.clip_grad_norm_(self.params, self.clip_norm)
-            self.remedies.before_step(grads)  # [remedies] the step is measured
-            self.optimizer.step()
-            self.optimizer.zero_grad(set_to_none=True)
-            self.remedies.after_step(grads)
+            step_in_place(self.optimizer, self.params, grads, self.clip_norm, self.remedies)
         self._grads = [None] * len(self.params)
         self.store.advance()
         self.store.observe()
