@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from torch import nn
 
+import timeprest
+import timeprest.stage.runner as runner_module
+from helpers import regression_batches, sgd, tanh_mlp_stages
 from timeprest.stage.weights import Saved, call_with, parameter_slots, weight_tokens
 
 
@@ -50,25 +54,40 @@ def test_tokens_make_the_backward_read_other_weights() -> None:
     assert saved.activation_bytes == x.numel() * x.element_size()  # x counted, the weight not
 
 
+def train(method, *, tokens_everywhere=False, num=6, dtype=torch.float64, **kw):
+    """A 3-stage tanh MLP trained on ``num`` mini-batches of N = 2; ``tokens_everywhere``
+    makes every forward take the tokens, as a module with buffers does."""
+    kw.setdefault("optimizer", sgd(0.1))
+    pipe = timeprest.Pipeline(
+        tanh_mlp_stages(3, dtype=dtype), method=method, num_microbatches=2,
+        loss_fn=torch.nn.functional.mse_loss, **kw,
+    )  # fmt: skip
+    for r in pipe.runners:
+        r._has_buffers = tokens_everywhere
+    pipe.train(regression_batches(num=num, dtype=dtype))
+    return pipe
+
+
+@pytest.fixture
+def token_forwards(monkeypatch):
+    """The forward version of every forward that takes the tokens, in order."""
+    calls = []
+    real = runner_module.weight_tokens
+
+    def counting(saved, module, reads=None):
+        calls.append(saved.version)
+        return real(saved, module, reads)
+
+    monkeypatch.setattr(runner_module, "weight_tokens", counting)
+    return calls
+
+
 def test_forwards_without_tokens_train_and_count_as_with_them() -> None:
     """Forwards whose backward reads their own weights (d = 0) run without the saved-tensor
     tokens: the same bits and the same saved-activation figures as with tokens everywhere
     (forced here as a module with buffers does), for a flush and an asynchronous method."""
-    import timeprest
-    from helpers import regression_batches, sgd, tanh_mlp_stages
-
     for method in ("gpipe", "pipedream", "v-timeprest", "i-timeprest"):
-        runs = []
-        for forced in (False, True):
-            pipe = timeprest.Pipeline(
-                tanh_mlp_stages(3), method=method, num_microbatches=2, optimizer=sgd(0.1),
-                loss_fn=torch.nn.functional.mse_loss,
-            )  # fmt: skip
-            for r in pipe.runners:  # tokens wherever the forward has them, as with buffers
-                r._has_buffers = forced
-            pipe.train(regression_batches(num=5))
-            runs.append(pipe)
-        plain, tokens = runs
+        plain, tokens = (train(method, tokens_everywhere=f, num=5) for f in (False, True))
         for a, b in zip(plain.runners, tokens.runners):
             assert all(torch.equal(p, q) for p, q in zip(a.params, b.params))
             assert a.report() == b.report() and a.report().peak_activation_bytes > 0
@@ -77,64 +96,30 @@ def test_forwards_without_tokens_train_and_count_as_with_them() -> None:
         ]
 
 
-def test_only_blended_backwards_need_tokens(monkeypatch) -> None:
+def test_only_blended_backwards_need_tokens(token_forwards) -> None:
     """V-TiMePReSt's stale forwards read the live weights and their backwards the latest
     ones, which autograd then holds anyway; PipeDream's read the version the forward read,
     whose tensors its stash keeps: only each stage's first forward (counting its saved
     bytes) takes tokens. I-TiMePReSt's backwards read a blend: tokens at every stale one."""
-    import timeprest
-    import timeprest.stage.runner as runner_module
-    from helpers import regression_batches, sgd, tanh_mlp_stages
-
-    calls = []
-    real = runner_module.weight_tokens
-
-    def counting(saved, module, reads=None):
-        calls.append(saved.version)
-        return real(saved, module, reads)
-
-    monkeypatch.setattr(runner_module, "weight_tokens", counting)
     for method, first_only in (("v-timeprest", True), ("pipedream", True), ("i-timeprest", False)):
-        calls.clear()
-        pipe = timeprest.Pipeline(
-            tanh_mlp_stages(3), method=method, num_microbatches=2, optimizer=sgd(0.1),
-            loss_fn=torch.nn.functional.mse_loss,
-        )  # fmt: skip
-        pipe.train(regression_batches(num=6))
+        token_forwards.clear()
+        pipe = train(method)
         stale = [d for m in pipe.report.minibatches for d in m.stages[0].staleness if d > 0]
         assert stale  # stage 0 ran stale forwards
-        assert (len(calls) == 3) == first_only
+        assert (len(token_forwards) == 3) == first_only
 
 
-def test_under_autocast_every_forward_takes_tokens(monkeypatch) -> None:
+def test_under_autocast_every_forward_takes_tokens(token_forwards) -> None:
     """Under bf16 autograd would keep a cast of every weight: the tokens stay on, d = 0 too
     (else each micro-batch in flight would hold its own half-precision weight copy)."""
-    import timeprest
-    import timeprest.stage.runner as runner_module
-    from helpers import regression_batches, sgd, tanh_mlp_stages
-
-    calls = []
-    real = runner_module.weight_tokens
-
-    def counting(saved, module, reads=None):
-        calls.append(saved.version)
-        return real(saved, module, reads)
-
-    monkeypatch.setattr(runner_module, "weight_tokens", counting)
-    pipe = timeprest.Pipeline(
-        tanh_mlp_stages(3, dtype=torch.float32), method="gpipe", num_microbatches=2,
-        optimizer=sgd(0.1), loss_fn=torch.nn.functional.mse_loss, precision="bf16",
-    )  # fmt: skip
-    pipe.train(regression_batches(num=3, dtype=torch.float32))
-    assert len(calls) == 3 * 3 * 2  # every forward of every stage
+    train("gpipe", num=3, dtype=torch.float32, precision="bf16")
+    assert len(token_forwards) == 3 * 3 * 2  # every forward of every stage
 
 
 def test_an_optimizer_that_rebinds_data_trains_as_one_that_updates_in_place() -> None:
     """Forwards without tokens hold the live storage; an optimizer that assigns p.data
     instead of updating in place has its values put back into that storage, so the
     result equals the one with tokens everywhere (V-TiMePReSt and PipeDream)."""
-    import timeprest
-    from helpers import regression_batches, tanh_mlp_stages
 
     class Rebind(torch.optim.Optimizer):
         def __init__(self, params, lr):
@@ -148,15 +133,9 @@ def test_an_optimizer_that_rebinds_data_trains_as_one_that_updates_in_place() ->
                         p.data = p.data - group["lr"] * p.grad
 
     for method in ("v-timeprest", "pipedream"):
-        runs = []
-        for forced in (False, True):
-            pipe = timeprest.Pipeline(
-                tanh_mlp_stages(3), method=method, num_microbatches=2,
-                optimizer=lambda ps: Rebind(ps, 0.1), loss_fn=torch.nn.functional.mse_loss,
-            )  # fmt: skip
-            for r in pipe.runners:
-                r._has_buffers = forced
-            pipe.train(regression_batches(num=6))
-            runs.append(pipe)
-        for a, b in zip(runs[0].runners, runs[1].runners):
+        plain, tokens = (
+            train(method, tokens_everywhere=f, optimizer=lambda ps: Rebind(ps, 0.1))
+            for f in (False, True)
+        )
+        for a, b in zip(plain.runners, tokens.runners):
             assert all(torch.equal(p, q) for p, q in zip(a.params, b.params))
