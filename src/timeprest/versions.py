@@ -14,7 +14,7 @@ is written into them, as is the intermediate weight of a backward: a fresh
 weight-sized tensor costs more than the copy itself on a CPU, where each new
 large allocation is new pages the kernel has to zero (docs/design.md
 section 8). The pool never holds more than the plan's peak, and it is
-emptied when a schedule has drained (and when one starts).
+emptied when a schedule has drained.
 """
 
 from __future__ import annotations

@@ -151,7 +151,6 @@ class StageRunner:
         for v, last in plan.keep_until.items():
             self._release_at.setdefault(last, []).append(v)
         self.base_version = self.store.latest
-        self.store.pool.clear()  # drained: nothing is stashed, the spare tensors go
         # counted again per schedule (the module may have been switched to eval and back)
         self._activation_bytes = {}
         self.base_minibatch = base_minibatch
