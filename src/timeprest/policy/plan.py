@@ -12,6 +12,7 @@ number of updates applied before it).
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 
 from timeprest.errors import ScheduleError
@@ -161,9 +162,13 @@ def plan_versions(schedule: Schedule, policy: Policy) -> list[StagePlan]:
                 keep_until[v] = replaced[v] - 1
         born = {0: 0}
         born.update({v + 1: i for v, i in replaced.items()})
-        held = tuple(
-            sum(1 for v in keep_until if born[v] <= i <= keep_until[v]) for i in range(len(prog))
-        )
+        # versions alive at each index: +1 where one is born, -1 after its last index
+        change = [0] * (len(prog) + 1)
+        for v, until in keep_until.items():
+            if born[v] <= until:
+                change[born[v]] += 1
+                change[until + 1] -= 1
+        held = tuple(itertools.accumulate(change[:-1]))
         plans.append(
             StagePlan(
                 stage=s,
