@@ -12,12 +12,17 @@ In one run, interleaved over several rounds (medians reported):
   after each;
 - the bound ``micro-batch size / max_s (F_s + B_s)``: each stage's forward
   and backward of one micro-batch timed in isolation (plain autograd, both
-  processes at once, no communication; an SGD step follows each F + B and is
-  timed apart as U, outside the bound), measured before the
+  processes at once, no communication; steps of N micro-batches, the first
+  backward of a step writing fresh gradients, the others adding to them,
+  then an SGD step timed apart as U, outside the bound), measured before the
   first run of a round and again after every run, because the machine's
   load drifts; each run is held against the mean of the two measurements
   around it. The order of the methods turns by one every round, so that
   none always runs first or last;
+- the own bound of each method: the same with the method's own arithmetic
+  per micro-batch (F, the backward: fresh for a mini-batch's first
+  micro-batch, adding to the gradients for the others, and 1/N of U;
+  pipedream all of U), which is what a perfect engine would reach;
 - the simulator's prediction for each of our methods: in every round both
   processes profile the two stages at once with
   ``timeprest.sim.profile.profile_stages(method=...)`` right before each
@@ -142,37 +147,65 @@ def cpu_seconds() -> float:
     return r.ru_utime + r.ru_stime
 
 
+Times = tuple[float, float, float, float]  # F, B, U, B accumulating, seconds per micro-batch
+
+
 def isolated_stage_time(
-    module: nn.Module, rank: int, rows: int, width: int, iters: int = 25
-) -> tuple[float, float, float]:
-    """Median seconds of this stage's forward, backward and SGD step of one micro-batch."""
+    module: nn.Module, rank: int, rows: int, width: int, iters: int = 25, n: int = 1
+) -> Times:
+    """Median seconds of this stage's forward, backward and SGD step of one micro-batch,
+    and of a backward that adds into gradients already there.
+
+    Steps of ``n`` micro-batches (at least two), as a method with N = n runs them: the
+    first backward of a step writes fresh gradients, the others add to them (reading and
+    writing every weight's gradient once more: at wide layers and narrow micro-batches that
+    is most of a backward); then one SGD step. F, B and U are the issue's bound (a fresh
+    backward and one step per micro-batch); B accumulating is what a method with N > 1
+    pays from its second micro-batch on.
+    """
     m = copy.deepcopy(module)
     opt = sgd(list(m.parameters()))
     x = torch.randn(rows, width, requires_grad=rank > 0)
     target = torch.randn(rows, width)
     grad = torch.randn(rows, width)
-    fwd, bwd, upd = [], [], []
-    warm = max(1, iters // 5)
-    for i in range(iters):
-        t0 = time.perf_counter()
-        out = m(x)
-        if rank == W - 1:
-            out = nn.functional.mse_loss(out, target)
-        t1 = time.perf_counter()
-        if rank == W - 1:
-            out.backward()
-        else:
-            out.backward(grad)
+    per_step = max(n, 2)
+    steps = max(2, -(-iters // per_step))
+    warm = max(1, steps // 5)
+    fwd: list[float] = []
+    bwd: list[float] = []
+    acc: list[float] = []
+    upd: list[float] = []
+    for i in range(steps + warm):
+        for j in range(per_step):
+            t0 = time.perf_counter()
+            out = m(x)
+            if rank == W - 1:
+                out = nn.functional.mse_loss(out, target)
+            t1 = time.perf_counter()
+            if rank == W - 1:
+                out.backward()
+            else:
+                out.backward(grad)
+            t2 = time.perf_counter()
+            x.grad = None
+            if i >= warm:
+                fwd.append(t1 - t0)
+                (bwd if j == 0 else acc).append(t2 - t1)
         t2 = time.perf_counter()
         opt.step()
         t3 = time.perf_counter()
         m.zero_grad(set_to_none=True)
-        x.grad = None
         if i >= warm:
-            fwd.append(t1 - t0)
-            bwd.append(t2 - t1)
             upd.append(t3 - t2)
-    return statistics.median(fwd), statistics.median(bwd), statistics.median(upd)
+    med = statistics.median
+    return med(fwd), med(bwd), med(upd), med(acc)
+
+
+def own_work(times: Times, n: int) -> float:
+    """Seconds of arithmetic per micro-batch of a method with N = n on one stage: F, the
+    backwards (the first of a mini-batch fresh, the others accumulating) and 1/n update."""
+    f, b, u, acc = times
+    return f + (b + (n - 1) * acc) / n + u / n
 
 
 def profiled_costs(
@@ -299,8 +332,8 @@ def worker(rank: int, args: argparse.Namespace, port: int) -> None:
     links: list[Link] = []  # per round: the link of these two processes (gloo on loopback)
     rates: dict[str, list[float]] = {name: [] for name in methods}
     cpu: dict[str, list[list[float]]] = {name: [] for name in methods}
-    stage_times: list[list[tuple[float, float, float]]] = []  # per measurement, per rank
-    alone_times: list[list[tuple[float, float, float]]] = []  # per round, per rank
+    stage_times: list[list[Times]] = []  # per measurement, per rank
+    alone_times: list[list[Times]] = []  # per round, per rank
     # per method, per round, per rank: (F, B, U) of every stage
     profiles: dict[str, list[list[Any]]] = {name: [] for name in methods if name in OURS}
     template: CostModel | None = None
@@ -309,14 +342,17 @@ def worker(rank: int, args: argparse.Namespace, port: int) -> None:
     breakdowns: dict[str, list[list[Any]]] = {name: [] for name in methods if name in OURS}
     # per method, per round: the bound around its run (samples/s)
     bounds: dict[str, list[float]] = {name: [] for name in methods}
+    # the same with each method's own arithmetic: F, its backwards (accumulating from the
+    # second micro-batch of a mini-batch on) and its share of the update
+    own_bounds: dict[str, list[float]] = {name: [] for name in methods}
 
-    def isolated() -> float:
-        """Both processes time their stage at once; the slower stage's F + B, in seconds."""
+    def isolated() -> list[Times]:
+        """Both processes time their stage at once; each stage's times."""
         barrier_time()
         both: list[Any] = [None] * W
-        dist.all_gather_object(both, isolated_stage_time(base, rank, m, width, args.bound_iters))
+        dist.all_gather_object(both, isolated_stage_time(base, rank, m, width, args.bound_iters, n))
         stage_times.append(both)
-        return max(f + b for f, b, _ in both)
+        return both
 
     def alone() -> None:
         """Each process times its stage while the other waits at a barrier."""
@@ -324,7 +360,7 @@ def worker(rank: int, args: argparse.Namespace, port: int) -> None:
         for s in range(W):
             barrier_time()
             if rank == s:
-                mine = isolated_stage_time(base, rank, m, width, args.bound_iters)
+                mine = isolated_stage_time(base, rank, m, width, args.bound_iters, n)
         each: list[Any] = [None] * W
         dist.all_gather_object(each, mine)
         alone_times.append(each)
@@ -367,10 +403,14 @@ def worker(rank: int, args: argparse.Namespace, port: int) -> None:
                 dist.all_gather_object(st, runners[name].stamps)
                 steady[name].append(steady_interval(st[W - 1]))
             after = isolated()
-            bounds[name].append(m / ((before + after) / 2))
+            fb = [max(f + b for f, b, *_ in each) for each in (before, after)]
+            bounds[name].append(m / (sum(fb) / 2))
+            nn_ = 1 if name == "pipedream" else n
+            own = [max(own_work(ts, nn_) for ts in each) for each in (before, after)]
+            own_bounds[name].append(m / (sum(own) / 2))
             before = after
     if rank == 0:
-        summary = report(args, stage_times, alone_times, bounds, rates, cpu, load)
+        summary = report(args, stage_times, alone_times, bounds, own_bounds, rates, cpu, load)
         assert template is not None
         sims = predict(args, profiles, template, links, rates, steady)
         works = where_time_goes(args, stage_times, breakdowns, rates)
@@ -389,18 +429,19 @@ def worker(rank: int, args: argparse.Namespace, port: int) -> None:
 
 def report(
     args: argparse.Namespace,
-    stage_times: list[list[tuple[float, float, float]]],
-    alone_times: list[list[tuple[float, float, float]]],
+    stage_times: list[list[Times]],
+    alone_times: list[list[Times]],
     bounds: dict[str, list[float]],
+    own_bounds: dict[str, list[float]],
     rates: dict[str, list[float]],
     cpu: dict[str, list[list[float]]],
     load: float,
 ) -> dict[str, Any]:
     """The main table; returns the point's figures for the grid's summary."""
     m = args.micro_batch
-    points = [m / max(f + b for f, b, _ in both) for both in stage_times]
+    points = [m / max(f + b for f, b, *_ in both) for both in stage_times]
     # the bound alone, one measurement per round (round r pairs with every run of round r)
-    alone_bound = [m / max(f + b for f, b, _ in each) for each in alone_times]
+    alone_bound = [m / max(f + b for f, b, *_ in each) for each in alone_times]
     cpu_name = "?"
     try:
         with open("/proc/cpuinfo") as info:
@@ -423,13 +464,15 @@ def report(
     )
     stage_rows = []
     for s in range(W):
-        f, b, u = (statistics.median(t[s][i] for t in stage_times) for i in range(3))
+        f, b, u, acc = (statistics.median(t[s][i] for t in stage_times) for i in range(4))
         fa, ba, ua = (statistics.median(t[s][i] for t in alone_times) for i in range(3))
-        stage_rows.append({"F": f, "B": b, "U": u, "F_alone": fa, "B_alone": ba, "U_alone": ua})
+        stage_rows.append(
+            {"F": f, "B": b, "U": u, "B_acc": acc, "F_alone": fa, "B_alone": ba, "U_alone": ua}
+        )
         print(
-            f"stage {s}, both processes at once: F {f * 1e3:.2f} ms, B {b * 1e3:.2f} ms, "
-            f"U {u * 1e3:.2f} ms per micro-batch; alone: F {fa * 1e3:.2f}, B {ba * 1e3:.2f}, "
-            f"U {ua * 1e3:.2f}"
+            f"stage {s}, both processes at once: F {f * 1e3:.2f} ms, B {b * 1e3:.2f} ms "
+            f"(adding to gradients already there: {acc * 1e3:.2f}), U {u * 1e3:.2f} ms per "
+            f"micro-batch; alone: F {fa * 1e3:.2f}, B {ba * 1e3:.2f}, U {ua * 1e3:.2f}"
         )
     print(
         f"bound m / max_s(F_s+B_s), measured before the first run and after every run: "
@@ -445,12 +488,13 @@ def report(
     print()
     theirs = rates.get("torch-1F1B")
     print(
-        f"{'method':<14}{'samples/s':>11}{'bound':>9}{'/ bound':>9}{'/ alone':>9}"
+        f"{'method':<14}{'samples/s':>11}{'bound':>9}{'/ bound':>9}{'/ own':>7}{'/ alone':>9}"
         f"{'/ torch-1F1B':>14}{'CPU ms/mb s0, s1':>18}  samples/s per round"
     )
     methods: dict[str, dict[str, Any]] = {}
     for name, rs in rates.items():
         of_bound = statistics.median(r / b for r, b in zip(rs, bounds[name]))
+        of_own = statistics.median(r / b for r, b in zip(rs, own_bounds[name]))
         # the rounds of one method: run r of every method falls in round r
         of_alone = statistics.median(r / a for r, a in zip(rs, alone_bound))
         ratio = statistics.median(r / q for r, q in zip(rs, theirs)) if theirs else None
@@ -460,6 +504,7 @@ def report(
         methods[name] = {
             "rate": statistics.median(rs),
             "of_bound": of_bound,
+            "of_own_bound": of_own,
             "of_alone": of_alone,
             "vs_1f1b": ratio,
             "vs_gpipe": vs_gpipe,
@@ -470,7 +515,7 @@ def report(
         )
         print(
             f"{name:<14}{statistics.median(rs):>11,.0f}{statistics.median(bounds[name]):>9,.0f}"
-            f"{of_bound:>9.2f}{of_alone:>9.2f}{vs:>14}{used:>18}  {rounds}"
+            f"{of_bound:>9.2f}{of_own:>7.2f}{of_alone:>9.2f}{vs:>14}{used:>18}  {rounds}"
         )
     sys.stdout.flush()
     return {
@@ -579,37 +624,49 @@ def predict(
 
 def where_time_goes(
     args: argparse.Namespace,
-    stage_times: list[list[tuple[float, float, float]]],
+    stage_times: list[list[Times]],
     breakdowns: dict[str, list[list[Any]]],
     rates: dict[str, list[float]],
 ) -> dict[str, dict[str, float]]:
-    """Each stage's actions in our runs, per micro-batch, next to its F + B in isolation."""
+    """Each stage's actions in our runs, per micro-batch, next to its work in isolation."""
     m = args.micro_batch
     print()
     print("== where the time goes in our runs (ms per micro-batch, medians over rounds) ==")
     print(
         "F, B, U: this stage's actions as timed inside the run (F and B include waiting for "
         "a neighbour's message); waiting: the receives' share of F and B; work: "
-        "F + B + U - waiting; period: wall time per micro-batch of the run"
+        "F + B + U - waiting; / F+B+U: work over the isolated F + B (fresh gradients) + "
+        "U x updates per micro-batch (1/N; pipedream 1), the issue's measure; / own: over "
+        "the method's own arithmetic in isolation (backwards from a mini-batch's second "
+        "micro-batch on add to the gradients); period: wall time per micro-batch of the run"
     )
-    iso = [statistics.median(t[s][0] + t[s][1] for t in stage_times) * 1e3 for s in range(W)]
-    print("isolated F + B: " + ", ".join(f"stage {s} {iso[s]:.2f}" for s in range(W)))
+    med = statistics.median
+    times = [tuple(med(t[s][i] for t in stage_times) for i in range(4)) for s in range(W)]
+    print(
+        "isolated F + B + U, ms: "
+        + ", ".join(f"stage {s} {sum(times[s][:3]) * 1e3:.2f}" for s in range(W))
+    )
     print(
         f"{'method':<14}{'stage':>6}{'F':>8}{'B':>8}{'U':>7}{'waiting':>9}{'work':>8}"
-        f"{'work / isolated F+B':>21}{'period':>8}"
+        f"{'/ F+B+U':>9}{'/ own':>7}{'period':>8}"
     )
     out: dict[str, dict[str, float]] = {}
     for name, rounds in breakdowns.items():
-        period = statistics.median(m / r for r in rates[name]) * 1e3
-        out[name] = {"work_of_fb": 0.0}
+        nn_ = 1 if name == "pipedream" else args.microbatches
+        period = med(m / r for r in rates[name]) * 1e3
+        out[name] = {"work_of_fbu": 0.0, "work_of_own": 0.0}
         for s in range(W):
-            f, b, u, wait = (statistics.median(r[s][i] for r in rounds) * 1e3 for i in range(4))
-            work = statistics.median((sum(r[s][:3]) - r[s][3]) for r in rounds) * 1e3
+            f, b, u, wait = (med(r[s][i] for r in rounds) * 1e3 for i in range(4))
+            work = med((sum(r[s][:3]) - r[s][3]) for r in rounds) * 1e3
+            fi, bi, ui, _ = times[s]
+            fbu = (fi + bi + ui / nn_) * 1e3
+            own = own_work(times[s], nn_) * 1e3  # type: ignore[arg-type]
             print(
                 f"{name:<14}{s:>6}{f:>8.2f}{b:>8.2f}{u:>7.2f}{wait:>9.2f}{work:>8.2f}"
-                f"{work / iso[s]:>21.2f}{period:>8.2f}"
+                f"{work / fbu:>9.2f}{work / own:>7.2f}{period:>8.2f}"
             )
-            out[name]["work_of_fb"] = max(out[name]["work_of_fb"], work / iso[s])
+            out[name]["work_of_fbu"] = max(out[name]["work_of_fbu"], work / fbu)
+            out[name]["work_of_own"] = max(out[name]["work_of_own"], work / own)
     sys.stdout.flush()
     return out
 
@@ -671,7 +728,7 @@ def grid_summary(args: argparse.Namespace, results: list[dict[str, Any]]) -> Non
     methods = [s for s in args.methods.split(",") if s]
     header = ["width", "rows", "N", "bubble", "F+B ms", "F+B alone ms", "method"]
     header += ["/ Schedule1F1B", "/ ScheduleGPipe", "/ bound", "/ bound alone", "steady / bound"]
-    header += ["work / F+B", "sim / steady"]
+    header += ["/ own bound", "work / F+B+U", "work / own", "sim / steady"]
     rows = []
     for p in results:
         fb = max(s["F"] + s["B"] for s in p["stages"]) * 1e3
@@ -685,7 +742,8 @@ def grid_summary(args: argparse.Namespace, results: list[dict[str, Any]]) -> Non
                 [str(p["width"]), str(p["rows"]), str(p["n"]), fmt(bubble), fmt(fb, 1)]
                 + [fmt(fb_alone, 1), name, fmt(r["vs_1f1b"]), fmt(r["vs_gpipe"])]
                 + [fmt(r["of_bound"]), fmt(r["of_alone"]), fmt(r.get("steady_of_bound"))]
-                + [fmt(r.get("work_of_fb")), fmt(r.get("pred_steady"))]
+                + [fmt(r.get("of_own_bound")), fmt(r.get("work_of_fbu"))]
+                + [fmt(r.get("work_of_own")), fmt(r.get("pred_steady"))]
             )
     print("\n== throughput grid: summary ==")
     print(
@@ -694,8 +752,11 @@ def grid_summary(args: argparse.Namespace, results: list[dict[str, Any]]) -> Non
         "max_s(F_s + B_s), both processes computing (F, B and an SGD step) at once; alone: "
         "one process at a time; steady / bound: the bound's time per mini-batch over the "
         "measured interval between losses in the run's middle half (no fill or drain); "
-        "work / F+B: the larger stage's work per micro-batch in the "
-        "run over its concurrent F + B; sim / steady: the simulator's time per mini-batch "
+        "/ own bound: against rows / max_s of the method's own arithmetic (F, backwards "
+        "adding to the gradients from a mini-batch's second micro-batch on, 1/N of the "
+        "update; pipedream: all of it), measured the same way; work / F+B+U: the larger "
+        "stage's work per micro-batch in the run over its concurrent F + B + U x updates "
+        "per micro-batch; work / own: over that own arithmetic; sim / steady: the simulator's time per mini-batch "
         "over the measured steady one; bubble: Schedule1F1B's (W-1)/(N+W-1)"
     )
     print(_grid.plain(header, rows))
