@@ -105,3 +105,24 @@ def test_which_backwards_read_the_tensors_their_forward_read():
     assert plans[0].stash_at
     stale = [k for k in plans[0].forward_version if plans[0].staleness(*k) > 0]
     assert not any(plans[0].backward_reads_forward_tensors(t, j, policy) for t, j in stale)
+
+
+@pytest.mark.parametrize("method", ["gpipe", "pipedream", "pipedream-2bw", "i-timeprest"])
+@pytest.mark.parametrize(("w", "n"), [(2, 1), (3, 3), (4, 2)])
+def test_held_counts_every_version_alive_at_each_index(method, w, n):
+    # held[i] is counted by one sweep over the versions' lifetimes; here it is counted
+    # directly from when each version is born (the update that makes it) and kept until
+    if method == "pipedream-2bw" and n < w:
+        n = w
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", MultipleSequenceWarning)
+        programs = build_schedule(resolve_policy(method)[0], w, n, 9).programs
+    for p, prog in zip(plans(method, w, n, t=9), programs):
+        updates = [i for i, a in enumerate(prog) if a.kind == "U"]
+        born = {0: 0, **{v + 1: i for v, i in enumerate(updates)}}
+        direct = [
+            sum(1 for v, until in p.keep_until.items() if born[v] <= i <= until)
+            for i in range(len(prog))
+        ]
+        assert list(p.held) == direct
+        assert max(direct) == p.peak_versions
