@@ -45,6 +45,7 @@ from timeprest.engine.runtime.group import (
 from timeprest.engine.runtime.layout import Layout, default_layout, dp_group, mesh_layout
 from timeprest.engine.runtime.p2p import P2PTransport
 from timeprest.engine.runtime.reduce import DistributedReduction
+from timeprest.engine.runtime.shm import ShmLinks, ShmTransport, make_transport, open_links
 from timeprest.engine.runtime.wire import Spec
 from timeprest.errors import ConfigError, DataError, ScheduleError, StageFailure
 from timeprest.schedule.builders import Schedule
@@ -95,7 +96,14 @@ class DistributedRuntime:
         # agreed by headers and kept for the pipeline's life
         self.shapes_in: dict[int, Spec] = {}
         self.shapes_out: dict[int, Spec] = {}
-        self._transport: P2PTransport | None = None
+        self._transport: P2PTransport | ShmTransport | None = None
+        self._links: ShmLinks | None = None
+        # the stage-to-stage transport, chosen and set up once per pipeline (RuntimeOptions)
+        self._links = open_links(
+            self.options.transport, self.info.backend, self.layout, self.instance,
+            self._all_gather, self.agreed,
+        )  # fmt: skip
+        self.transport = "process-group" if self._links is None else "shm"
 
     def rank_name(self, rank: int) -> str:
         """How messages name ``rank``: its stage, and its replica with several."""
@@ -219,6 +227,8 @@ class DistributedRuntime:
     def _teardown(self) -> None:
         if self._transport is not None:
             self._transport.abandon()
+        if self._links is not None:
+            self._links.close(notify=True)  # wakes the neighbours waiting on this rank
         forget_control_group()
         try:
             if dist.is_initialized():
@@ -367,7 +377,8 @@ class DistributedRuntime:
         lookahead = self.options.lookahead or n + 1
         where = "start-up"
         try:
-            transport = P2PTransport(
+            transport = make_transport(
+                self._links,
                 lowered,
                 stage,
                 micro,
