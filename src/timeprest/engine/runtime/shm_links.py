@@ -167,6 +167,8 @@ class ShmLinks:
     def _new_slot(self, out: _Out, nbytes: int) -> Slot:
         capacity = max(_PAGE, -(-nbytes // _PAGE) * _PAGE)
         path = os.path.join(self.directory, f"{self.rank}-{out.peer}-{self.next_slot}.slot")
+        # a neighbour that closed first removed the directory if it was empty
+        os.makedirs(self.directory, mode=0o700, exist_ok=True)
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
         self.files.paths.append(path)
         try:
