@@ -21,6 +21,7 @@ from torch import nn
 
 import timeprest
 from helpers import init_group, spawn
+from test_runtime import make_batches, make_stage
 from timeprest.engine.runtime import RuntimeOptions
 from timeprest.engine.runtime.shm import _why_not
 from timeprest.errors import ConfigError
@@ -28,29 +29,12 @@ from timeprest.errors import ConfigError
 METHODS = ("v-timeprest", "i-timeprest", "pipedream", "1f1b")
 # uneven micro-batches and a short last mini-batch: several message sizes per channel
 ROWS = (9, 9, 9, 4)
-
-
-def make_stage(stage: int, num_stages: int) -> nn.Module:
-    torch.manual_seed(200 + stage)
-    dims = [3] + [6] * (num_stages - 1) + [2]
-    lin = nn.Linear(dims[stage], dims[stage + 1]).double()
-    return lin if stage == num_stages - 1 else nn.Sequential(lin, nn.Tanh())
-
-
-def make_batches(rows: tuple[int, ...] = ROWS) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    g = torch.Generator().manual_seed(3)
-    return [
-        (
-            torch.randn(r, 3, generator=g, dtype=torch.float64),
-            torch.randn(r, 2, generator=g, dtype=torch.float64),
-        )
-        for r in rows
-    ]
+F64 = torch.float64
 
 
 def pipeline(world: int, method: str, opts: RuntimeOptions, stage_fn: Any = None):
     return timeprest.Pipeline(
-        stage_fn or (lambda s: make_stage(s, world)),
+        stage_fn or (lambda s: make_stage(s, world, F64)),
         method=method,
         num_microbatches=2,
         optimizer=lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9),
@@ -69,7 +53,7 @@ def _equal_worker(rank: int, world: int, tmp: str) -> None:
             engine: Any = pipe._engine
             assert engine.transport == transport
             # two train() calls over the channels set up once by the pipeline
-            losses = pipe.train(make_batches()) + pipe.train(make_batches((5, 5)))
+            losses = pipe.train(make_batches(F64, ROWS)) + pipe.train(make_batches(F64, (5, 5)))
             if transport == "shm":
                 directory = engine._links.directory
                 out["dirs"].append(directory)
@@ -100,7 +84,7 @@ def test_shm_matches_the_process_group_bitwise(world: int, tmp_path: Path) -> No
     assert spawn(_equal_worker, world, tmp_path, limit=120) == [0] * world
     got = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(world)]
     for method in METHODS:
-        stages = [make_stage(s, world) for s in range(world)]
+        stages = [make_stage(s, world, F64) for s in range(world)]
         emulated = timeprest.Pipeline(
             stages,
             method=method,
@@ -108,7 +92,7 @@ def test_shm_matches_the_process_group_bitwise(world: int, tmp_path: Path) -> No
             optimizer=lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9),
             loss_fn=nn.functional.mse_loss,
         )
-        want = emulated.train(make_batches()) + emulated.train(make_batches((5, 5)))
+        want = emulated.train(make_batches(F64, ROWS)) + emulated.train(make_batches(F64, (5, 5)))
         for r in range(world):
             shm, pg = got[r][f"shm/{method}"], got[r][f"process-group/{method}"]
             assert shm["losses"] == pg["losses"] == want, (method, r)
@@ -148,19 +132,22 @@ def _failure_worker(rank: int, world: int, tmp: str, kill: bool) -> None:
     last = world - 1
 
     def stage_fn(s: int) -> nn.Module:
-        inner = make_stage(s, world)
+        inner = make_stage(s, world, F64)
         return _Fail(inner, 5, kill, f"{tmp}/failed.time") if s == last else inner
 
-    pipe = pipeline(world, "pipedream", RuntimeOptions(timeout=5, transport="shm"), stage_fn)
+    method = "pipedream" if kill else "gpipe"  # gpipe: the neighbours wait in receives
+    pipe = pipeline(world, method, RuntimeOptions(timeout=5, transport="shm"), stage_fn)
     directory = pipe._engine._links.directory  # type: ignore[union-attr]
     Path(f"{tmp}/dir").write_text(directory)
     try:
-        pipe.train(make_batches((4,) * 8))
+        pipe.train(make_batches(F64, (4,) * 8))
         text = "no error"
     except Exception as exc:
         text = f"{type(exc).__name__}: {exc}"
     Path(f"{tmp}/rank{rank}.txt").write_text(text)
     Path(f"{tmp}/rank{rank}.time").write_text(repr(time.time()))
+    if rank == last:
+        time.sleep(4)  # alive: the neighbours learn of it by its channels, not by its exit
 
 
 @pytest.mark.parametrize("kill", [True, False], ids=["killed", "nan"])

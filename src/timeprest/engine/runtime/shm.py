@@ -38,7 +38,8 @@ receiver's copy before the sender's reuse on any CPU.
 Failures: tearing down (:meth:`ShmTransport.abandon`, or the runtime's
 teardown) writes a *closed* record to every outgoing FIFO, so a neighbour
 waiting in a receive raises a :class:`~.failures.CommError` at once and tears
-down in turn. A rank killed outright writes nothing: a waiting receiver
+down in turn (a neighbour that sends to it gets a broken pipe: the writer
+opens the FIFO write-only, so a write with no reader left fails). A rank killed outright writes nothing: a waiting receiver
 checks every 0.25 s that its peer's process is alive (pid and start time
 from the set-up; a zombie counts as dead). Files left behind (a slot its
 receiver never mapped) are removed by either side when it closes, at
@@ -55,7 +56,6 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import torch
 from torch import Tensor
 
 from timeprest.engine.runtime.failures import CommError
@@ -262,34 +262,19 @@ class ShmTransport:
 
 def make_transport(
     links: ShmLinks | None,
-    lowered: Lowered,
-    stage: int,
-    micro_rows: list[list[int]],
-    shapes_in: dict[int, Spec],
-    shapes_out: dict[int, Spec],
-    *,
-    device: torch.device,
+    *args: Any,
     timeout: float,
-    lookahead: int,
-    ordered: bool,
     ranks: Sequence[int],
+    **process_group: Any,
 ) -> P2PTransport | ShmTransport:
-    """The transport of one ``train()`` call: over ``links`` when set, else the process group."""
+    """The transport of one ``train()`` call: over ``links`` when set, else the process group.
+
+    ``args``: the transports' common positional arguments (lowered programs, stage,
+    micro-batch rows, shape tables); ``process_group``: P2PTransport's own options.
+    """
     if links is not None:
-        args = (lowered, stage, micro_rows, shapes_in, shapes_out)
         return ShmTransport(*args, links=links, timeout=timeout, ranks=ranks)
-    return P2PTransport(
-        lowered,
-        stage,
-        micro_rows,
-        shapes_in,
-        shapes_out,
-        device=device,
-        timeout=timeout,
-        lookahead=lookahead,
-        ordered=ordered,
-        ranks=ranks,
-    )
+    return P2PTransport(*args, timeout=timeout, ranks=ranks, **process_group)
 
 
 __all__ = ["ShmLinks", "ShmTransport", "make_transport", "open_links", "shm_base"]
