@@ -35,7 +35,8 @@ class RuntimeOptions:
     num_threads: int | None = 1
     """Intra-op threads per process on CPU (``torch.set_num_threads``); None keeps torch's."""
     lookahead: int | None = None
-    """Receives posted ahead per incoming channel; None means ``num_microbatches + 1``."""
+    """Receives posted ahead per incoming channel (the process-group transport; shared
+    memory needs none); None means ``num_microbatches + 1``."""
     backend: Literal["auto", "gloo", "nccl"] = "auto"
     """Backend when the runtime initialises the process group from torchrun's environment:
     ``auto`` picks NCCL when CUDA is available, else gloo."""

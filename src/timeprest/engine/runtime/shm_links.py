@@ -31,6 +31,7 @@ _CODE: dict[Kind, int] = {"act": 0, "grad": 1}
 _CLOSED = 2
 _POLL = 0.25  # seconds between checks that a silent peer is still alive
 _PAGE = 4096
+_READ = 1 << 16  # a pipe's default capacity
 
 
 def read_text(path: str) -> str:
@@ -205,12 +206,12 @@ class ShmLinks:
         data = inn.pending
         while True:
             try:
-                chunk = os.read(inn.fd, 1 << 16)
+                chunk = os.read(inn.fd, _READ)
             except BlockingIOError:
                 break
-            if not chunk:
-                break
             data += chunk
+            if len(chunk) < _READ:  # drained: spare the system call that would say so
+                break
         n = len(data) - len(data) % _RECORD.size
         for rec in _RECORD.iter_unpack(data[:n]):
             if rec[0] == _CLOSED:
