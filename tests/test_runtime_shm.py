@@ -184,3 +184,50 @@ def test_transport_is_checked() -> None:
     assert "rank 1: /x is not writable" in str(
         _why_not([ok, {**ok, "problem": "/x is not writable"}], "gloo")
     )
+
+
+@pytest.fixture
+def loop(tmp_path: Path):
+    """Links of rank 0 to itself in one process: a send is received by the same object."""
+    from timeprest.engine.runtime.shm import _identity
+    from timeprest.engine.runtime.shm_links import ShmLinks
+
+    links = ShmLinks(str(tmp_path / "links"), 0, [0], [_identity(str(tmp_path))])
+    links.make_fifos()
+    links.connect()
+    links.unlink_fifos()
+    yield links
+    links.close(notify=False)
+    assert not (tmp_path / "links").exists()
+
+
+def test_links_carry_every_dtype_and_reuse_slots(loop: Any) -> None:
+    values = [
+        torch.randn(3, 4, dtype=torch.float64),
+        torch.randn(2, 2, dtype=torch.complex64),
+        torch.tensor([True, False, True]),
+        torch.tensor(7, dtype=torch.int64),  # 0-d
+        torch.empty(0, 5),
+        torch.randn(3000),  # larger than one page
+    ]
+    for i, x in enumerate(values):
+        slot = loop.post(0, "act", (i, 0), x)
+        got, spec = loop.take(0, (i, 0), "m", 5.0)
+        assert spec == (tuple(x.shape), x.dtype)
+        assert got.dtype == x.dtype and torch.equal(got, x)
+        assert got.data_ptr() != slot.data.data_ptr()  # a fresh copy, not the slot
+        slot.busy = False
+    # every slot was freed: the small messages shared one, the large one made another
+    assert len(loop.outs[0].slots) == 2
+    assert os.listdir(loop.directory) == []  # the receiver unlinked what it mapped
+
+
+def test_links_say_when_shared_memory_is_full(loop: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    from timeprest.engine.runtime.shm_links import ShmFull
+
+    def full(fd: int, offset: int, length: int) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "posix_fallocate", full)
+    with pytest.raises(ShmFull, match="--shm-size.*transport='process-group'"):
+        loop.post(0, "act", (0, 0), torch.randn(10))

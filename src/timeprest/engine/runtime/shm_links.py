@@ -22,6 +22,7 @@ from torch import Tensor
 
 from timeprest.engine.runtime.failures import CommError
 from timeprest.engine.runtime.wire import _DTYPES, Spec
+from timeprest.errors import ConfigError
 from timeprest.schedule.lower import Kind
 
 Key = tuple[int, int]
@@ -32,6 +33,10 @@ _CLOSED = 2
 _POLL = 0.25  # seconds between checks that a silent peer is still alive
 _PAGE = 4096
 _READ = 1 << 16  # a pipe's default capacity
+
+
+class ShmFull(ConfigError):
+    """The shared-memory directory has no room for a message."""
 
 
 def read_text(path: str) -> str:
@@ -173,7 +178,17 @@ class ShmLinks:
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
         self.files.paths.append(path)
         try:
-            os.ftruncate(fd, capacity)
+            # reserve the pages now: a full tmpfs then fails here, with a clear error,
+            # instead of killing the process (SIGBUS) when the copy touches a page
+            if hasattr(os, "posix_fallocate"):
+                os.posix_fallocate(fd, 0, capacity)
+            else:
+                os.ftruncate(fd, capacity)
+        except OSError as exc:
+            raise ShmFull(
+                f"no room for a {capacity:,}-byte message in {self.directory} ({exc.strerror}): "
+                "enlarge it (docker: --shm-size) or use RuntimeOptions(transport='process-group')"
+            ) from exc
         finally:
             os.close(fd)
         data = torch.from_file(path, shared=True, size=capacity, dtype=torch.uint8)
