@@ -45,6 +45,7 @@ from timeprest.engine.runtime.group import (
 from timeprest.engine.runtime.layout import Layout, default_layout, dp_group, mesh_layout
 from timeprest.engine.runtime.p2p import P2PTransport
 from timeprest.engine.runtime.reduce import DistributedReduction
+from timeprest.engine.runtime.shm import ShmLinks, ShmTransport, make_transport, open_links
 from timeprest.engine.runtime.wire import Spec
 from timeprest.errors import ConfigError, DataError, ScheduleError, StageFailure
 from timeprest.schedule.builders import Schedule
@@ -95,7 +96,14 @@ class DistributedRuntime:
         # agreed by headers and kept for the pipeline's life
         self.shapes_in: dict[int, Spec] = {}
         self.shapes_out: dict[int, Spec] = {}
-        self._transport: P2PTransport | None = None
+        self._transport: P2PTransport | ShmTransport | None = None
+        self._links: ShmLinks | None = None
+        # the stage-to-stage transport, chosen and set up once per pipeline (RuntimeOptions)
+        self._links = open_links(
+            self.options.transport, self.info.backend, self.layout, self.instance,
+            self._all_gather, self.agreed,
+        )  # fmt: skip
+        self.transport = "process-group" if self._links is None else "shm"
 
     def rank_name(self, rank: int) -> str:
         """How messages name ``rank``: its stage, and its replica with several."""
@@ -103,11 +111,12 @@ class DistributedRuntime:
 
     # -- agreement -----------------------------------------------------------------
     def _all_gather(self, obj: Any, what: str) -> list[Any]:
+        """Every rank's ``obj`` over the control group; if that fails, this rank stops."""
         out: list[Any] = [None] * self.world_size
         try:
             dist.all_gather_object(out, obj, group=self.group)
         except Exception as exc:
-            raise CommError(None, what, exc) from exc
+            self._fail(CommError(None, what, exc), what)
         return out
 
     def agreed(self, what: str, fn: Callable[[], T]) -> T:
@@ -123,10 +132,7 @@ class DistributedRuntime:
             result = fn()
         except Exception as exc:
             error = exc
-        try:
-            errors = self._all_gather(None if error is None else first_line(error), what)
-        except CommError as exc:
-            self._fail(exc, what)
+        errors = self._all_gather(None if error is None else first_line(error), what)
         if error is not None:
             raise error
         bad = [(r, e) for r, e in enumerate(errors) if e is not None]
@@ -219,6 +225,8 @@ class DistributedRuntime:
     def _teardown(self) -> None:
         if self._transport is not None:
             self._transport.abandon()
+        if self._links is not None:
+            self._links.close(notify=True)  # wakes the neighbours waiting on this rank
         forget_control_group()
         try:
             if dist.is_initialized():
@@ -267,10 +275,7 @@ class DistributedRuntime:
             "config": config,
             "hash": fingerprint(config),
         }
-        try:
-            got = self._all_gather(mine, "the start-up exchange")
-        except CommError as exc:
-            self._fail(exc, "the start-up exchange")
+        got = self._all_gather(mine, "the start-up exchange")
         if error is not None:
             raise error
         bad = [(r, g["error"]) for r, g in enumerate(got) if g["error"] is not None]
@@ -309,10 +314,7 @@ class DistributedRuntime:
 
     def _check_schedule(self, schedule: Schedule) -> None:
         text = fingerprint({"programs": schedule.to_text(), "kind": schedule.kind})
-        try:
-            got = self._all_gather(text, "the schedule check")
-        except CommError as exc:
-            self._fail(exc, "the schedule check")
+        got = self._all_gather(text, "the schedule check")
         if len(set(got)) > 1:
             raise ScheduleError(
                 "the ranks built different schedules: "
@@ -367,7 +369,8 @@ class DistributedRuntime:
         lookahead = self.options.lookahead or n + 1
         where = "start-up"
         try:
-            transport = P2PTransport(
+            transport = make_transport(
+                self._links,
                 lowered,
                 stage,
                 micro,
@@ -402,10 +405,7 @@ class DistributedRuntime:
 
     def _gather_reports(self, runner: Any) -> list[Any]:
         where = "the report exchange"
-        try:
-            got = self._all_gather(runner.report(), where)
-        except CommError as exc:
-            self._fail(exc, where)
+        got = self._all_gather(runner.report(), where)
         return [got[r] for r in self.layout.ranks[0]]  # replica 0's, by stage
 
     def _finish(self, job: Job, runner: Any, rows: list[int]) -> Outcome:
@@ -416,10 +416,7 @@ class DistributedRuntime:
             "stage": runner.report(),
         }
         where = "the end-of-run exchange"
-        try:
-            got = self._all_gather(mine, where)
-        except CommError as exc:
-            self._fail(exc, where)
+        got = self._all_gather(mine, where)
         lay = self.layout
         count = len(rows)
         if lay.num_replicas == 1:

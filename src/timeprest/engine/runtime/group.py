@@ -35,10 +35,18 @@ class RuntimeOptions:
     num_threads: int | None = 1
     """Intra-op threads per process on CPU (``torch.set_num_threads``); None keeps torch's."""
     lookahead: int | None = None
-    """Receives posted ahead per incoming channel; None means ``num_microbatches + 1``."""
+    """Receives posted ahead per incoming channel (the process-group transport; shared
+    memory needs none); None means ``num_microbatches + 1``."""
     backend: Literal["auto", "gloo", "nccl"] = "auto"
     """Backend when the runtime initialises the process group from torchrun's environment:
     ``auto`` picks NCCL when CUDA is available, else gloo."""
+    transport: Literal["auto", "shm", "process-group"] = "auto"
+    """How activations and gradients move between neighbouring stages: ``shm`` through
+    shared memory with a FIFO doorbell per pair of ranks (no transport threads: cheaper on
+    small machines; CPU tensors, every rank on one host), ``process-group`` by
+    point-to-point messages of the default group (gloo or NCCL). ``auto`` picks ``shm``
+    when it can (gloo, one host, a writable shared-memory directory). Every rank must ask
+    for the same."""
 
     def __post_init__(self) -> None:
         if not (isinstance(self.timeout, (int, float)) and self.timeout > 0):
@@ -55,6 +63,10 @@ class RuntimeOptions:
             raise ConfigError(f"lookahead must be an integer >= 1 or None, got {self.lookahead!r}")
         if self.backend not in ("auto", "gloo", "nccl"):
             raise ConfigError(f"unknown backend {self.backend!r}: expected auto, gloo or nccl")
+        if self.transport not in ("auto", "shm", "process-group"):
+            raise ConfigError(
+                f"unknown transport {self.transport!r}: expected auto, shm or process-group"
+            )
 
 
 # -- the process group -----------------------------------------------------------

@@ -32,6 +32,56 @@ def _real(t: Tensor) -> Tensor:
     return torch.view_as_real(t) if t.is_complex() else t
 
 
+def describe(kind: Kind, key: Key, backward_unit: str) -> str:
+    """How messages name the message ``kind`` of micro-batch ``key`` (both transports)."""
+    t, j = key
+    if kind == "act":
+        return f"the activation of F{t}.{j}"
+    action = f"B{t}" if backward_unit == "minibatch" else f"B{t}.{j}"
+    return f"the gradient of {action} (micro-batch {t}.{j})"
+
+
+def check_order(seq: list[Key], sent: int, key: Key, stage: int, what: str) -> None:
+    """A send must be the next of its channel in the message plan."""
+    if sent >= len(seq) or seq[sent] != key:
+        raise ScheduleError(f"internal: stage {stage} sends {what} out of order")
+
+
+def agree_shape(
+    shapes_in: dict[int, Spec],
+    shapes_out: dict[int, Spec],
+    kind: Kind,
+    key: Key,
+    rows: int,
+    x: Tensor,
+    stage: int,
+    what: str,
+) -> Tensor | None:
+    """Check ``x`` against the shape agreed for its micro-batch size (both transports).
+
+    An activation must match the first one of its size (which this records and
+    whose header it returns); a gradient, the activation it belongs to (what
+    was received). Returns the header to announce a new size, else None.
+    """
+    table = shapes_out if kind == "act" else shapes_in
+    spec = table.get(rows)
+    if spec is None:
+        if kind == "grad":
+            raise ScheduleError(f"internal: stage {stage} sends {what} before receiving its input")
+        header = encode(x, stage, key)
+        table[rows] = (tuple(x.shape), x.dtype)
+        return header
+    if spec != (tuple(x.shape), x.dtype):
+        name = "output" if kind == "act" else "input gradient"
+        raise ShapeError(
+            f"stage {stage}'s {name} for micro-batch {key[0]}.{key[1]} ({rows} rows) "
+            f"has shape {tuple(x.shape)} and dtype {x.dtype}, but the first micro-batch "
+            f"of {rows} rows had shape {spec[0]} and dtype {spec[1]}: the distributed "
+            "runtime needs one output shape per micro-batch size"
+        )
+    return None
+
+
 @dataclass
 class _Posted:
     work: Any
@@ -107,11 +157,7 @@ class P2PTransport:
 
     # -- naming, for messages ------------------------------------------------------
     def describe(self, kind: Kind, key: Key) -> str:
-        t, j = key
-        if kind == "act":
-            return f"the activation of F{t}.{j}"
-        action = f"B{t}" if self.backward_unit == "minibatch" else f"B{t}.{j}"
-        return f"the gradient of {action} (micro-batch {t}.{j})"
+        return describe(kind, key, self.backward_unit)
 
     def _tag(self, kind: Kind, key: Key, header: bool) -> int:
         t, j = key
@@ -211,36 +257,18 @@ class P2PTransport:
 
     # -- sending ---------------------------------------------------------------------
     def _send(self, kind: Kind, key: Key, x: Tensor) -> None:
-        seq = self.plan.send[kind]
-        n = self.sent_count[kind]
         what = self.describe(kind, key)
-        if n >= len(seq) or seq[n] != key:
-            raise ScheduleError(f"internal: stage {self.stage} sends {what} out of order")
+        check_order(self.plan.send[kind], self.sent_count[kind], key, self.stage, what)
         peer = self.ranks[self.stage + 1 if kind == "act" else self.stage - 1]
         x = x.detach().contiguous()
         rows = self.rows[key[0]][key[1]]
-        # an activation must match what we announced for this size; a gradient, the
-        # activation it belongs to (what we received)
-        table = self.shapes_out if kind == "act" else self.shapes_in
-        spec = table.get(rows)
         sends: list[tuple[Any, Tensor]] = []
         try:
-            if spec is None:
-                if kind == "grad":
-                    raise ScheduleError(
-                        f"internal: stage {self.stage} sends {what} before receiving its input"
-                    )
-                header = encode(x, self.stage, key)
-                table[rows] = (tuple(x.shape), x.dtype)
+            header = agree_shape(
+                self.shapes_in, self.shapes_out, kind, key, rows, x, self.stage, what
+            )
+            if header is not None:
                 sends.append((self._isend(header, peer, self._tag(kind, key, True)), header))
-            elif spec != (tuple(x.shape), x.dtype):
-                name = "output" if kind == "act" else "input gradient"
-                raise ShapeError(
-                    f"stage {self.stage}'s {name} for micro-batch {key[0]}.{key[1]} ({rows} rows) "
-                    f"has shape {tuple(x.shape)} and dtype {x.dtype}, but the first micro-batch "
-                    f"of {rows} rows had shape {spec[0]} and dtype {spec[1]}: the distributed "
-                    "runtime needs one output shape per micro-batch size"
-                )
             sends.append((self._isend(x, peer, self._tag(kind, key, False)), x))
         except TimeprestError:
             raise

@@ -1,0 +1,233 @@
+"""The shared-memory transport: bitwise the process group's results, clean files, fast failures.
+
+Each test spawns its ranks (gloo, a file rendezvous in ``tmp_path``, one
+thread). ``RuntimeOptions(transport="auto")``, the default, already runs the
+equivalence and failure jobs of tests/test_runtime.py over shared memory;
+here both transports train the same pipelines and must agree bit for bit.
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from torch import nn
+
+import timeprest
+from helpers import init_group, spawn
+from test_runtime import make_batches, make_stage
+from timeprest.engine.runtime import RuntimeOptions
+from timeprest.engine.runtime.shm import _why_not
+from timeprest.errors import ConfigError
+
+METHODS = ("v-timeprest", "i-timeprest", "pipedream", "1f1b")
+# uneven micro-batches and a short last mini-batch: several message sizes per channel
+ROWS = (9, 9, 9, 4)
+F64 = torch.float64
+
+
+def pipeline(world: int, method: str, opts: RuntimeOptions, stage_fn: Any = None):
+    return timeprest.Pipeline(
+        stage_fn or (lambda s: make_stage(s, world, F64)),
+        method=method,
+        num_microbatches=2,
+        optimizer=lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9),
+        loss_fn=nn.functional.mse_loss,
+        engine="distributed",
+        runtime=opts,
+    )
+
+
+def _equal_worker(rank: int, world: int, tmp: str) -> None:
+    init_group(rank, world, f"{tmp}/rdv")
+    out: dict[str, Any] = {"dirs": []}
+    for transport in ("shm", "process-group"):
+        for method in METHODS:
+            pipe = pipeline(world, method, RuntimeOptions(timeout=30, transport=transport))
+            engine: Any = pipe._engine
+            assert engine.transport == transport
+            # two train() calls over the channels set up once by the pipeline
+            losses = pipe.train(make_batches(F64, ROWS)) + pipe.train(make_batches(F64, (5, 5)))
+            if transport == "shm":
+                directory = engine._links.directory
+                out["dirs"].append(directory)
+                # mapped files are unlinked (an empty directory may be gone already)
+                left = os.listdir(directory) if os.path.exists(directory) else []
+                out[f"left/{method}"] = sorted(left)
+            module = pipe.stages[rank]
+            assert module is not None
+            out[f"{transport}/{method}"] = {
+                "losses": losses,
+                "state": {k: v.clone() for k, v in module.state_dict().items()},
+            }
+            del pipe, engine
+            gc.collect()
+    auto: Any = pipeline(world, "gpipe", RuntimeOptions(timeout=30))._engine
+    out["auto"] = auto.transport
+    out["dirs"].append(auto._links.directory)  # removed at interpreter exit
+    try:
+        pipeline(world, "gpipe", RuntimeOptions(transport="shm" if rank else "process-group"))
+        out["mixed"] = "no error"
+    except ConfigError as exc:
+        out["mixed"] = str(exc)
+    torch.save(out, f"{tmp}/rank{rank}.pt")
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_shm_matches_the_process_group_bitwise(world: int, tmp_path: Path) -> None:
+    assert spawn(_equal_worker, world, tmp_path, limit=120) == [0] * world
+    got = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(world)]
+    for method in METHODS:
+        stages = [make_stage(s, world, F64) for s in range(world)]
+        emulated = timeprest.Pipeline(
+            stages,
+            method=method,
+            num_microbatches=2,
+            optimizer=lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9),
+            loss_fn=nn.functional.mse_loss,
+        )
+        want = emulated.train(make_batches(F64, ROWS)) + emulated.train(make_batches(F64, (5, 5)))
+        for r in range(world):
+            shm, pg = got[r][f"shm/{method}"], got[r][f"process-group/{method}"]
+            assert shm["losses"] == pg["losses"] == want, (method, r)
+            for k, v in stages[r].state_dict().items():
+                assert torch.equal(shm["state"][k], pg["state"][k]), (method, r, k)
+                assert torch.equal(shm["state"][k], v), (method, r, k)
+            assert got[r][f"left/{method}"] == [], (method, r)
+    for r in range(world):
+        assert got[r]["auto"] == "shm"
+        assert "the ranks ask for different transports" in got[r]["mixed"], got[r]["mixed"]
+        # every pipeline's directory went with it
+        assert len(got[r]["dirs"]) == len(METHODS) + 1
+        for d in got[r]["dirs"]:
+            assert not os.path.exists(d), d
+
+
+class _Fail(nn.Module):
+    """On its n-th forward: kills its process (``kill``) or returns NaN."""
+
+    def __init__(self, inner: nn.Module, n: int, kill: bool, stamp: str) -> None:
+        super().__init__()
+        self.inner, self.n, self.kill, self.stamp, self.calls = inner, n, kill, stamp, 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        y = self.inner(x)
+        if self.calls == self.n:
+            Path(self.stamp).write_text(repr(time.time()))
+            if self.kill:
+                os.kill(os.getpid(), signal.SIGKILL)
+            return y * float("nan")
+        return y
+
+
+def _failure_worker(rank: int, world: int, tmp: str, kill: bool) -> None:
+    init_group(rank, world, f"{tmp}/rdv", timeout=5)
+    last = world - 1
+
+    def stage_fn(s: int) -> nn.Module:
+        inner = make_stage(s, world, F64)
+        return _Fail(inner, 5, kill, f"{tmp}/failed.time") if s == last else inner
+
+    method = "pipedream" if kill else "gpipe"  # gpipe: the neighbours wait in receives
+    pipe = pipeline(world, method, RuntimeOptions(timeout=5, transport="shm"), stage_fn)
+    directory = pipe._engine._links.directory  # type: ignore[union-attr]
+    Path(f"{tmp}/dir").write_text(directory)
+    try:
+        pipe.train(make_batches(F64, (4,) * 8))
+        text = "no error"
+    except Exception as exc:
+        text = f"{type(exc).__name__}: {exc}"
+    Path(f"{tmp}/rank{rank}.txt").write_text(text)
+    Path(f"{tmp}/rank{rank}.time").write_text(repr(time.time()))
+    if rank == last:
+        time.sleep(4)  # alive: the neighbours learn of it by its channels, not by its exit
+
+
+@pytest.mark.parametrize("kill", [True, False], ids=["killed", "nan"])
+def test_shm_failures_cascade_and_leave_nothing(kill: bool, tmp_path: Path) -> None:
+    world = 3
+    codes = spawn(_failure_worker, world, tmp_path, kill, limit=60)
+    assert codes == ([0, 0, -signal.SIGKILL] if kill else [0, 0, 0])
+    failed_at = float((tmp_path / "failed.time").read_text())
+    for r in range(world - 1 if kill else world):
+        text = (tmp_path / f"rank{r}.txt").read_text()
+        if kill:
+            assert text.startswith("StageFailure"), text
+            assert "rank 2 (stage 2) stopped without reporting an error" in text, text
+            assert "was waiting for it at action" in text, text
+        elif r == world - 1:
+            assert text.startswith("NonFiniteLossError"), text
+        else:
+            assert text.startswith("StageFailure"), text
+            assert "rank 2 (stage 2) failed at action" in text, text
+        # well within the 5 s timeout: the closed record, or the liveness check
+        assert float((tmp_path / f"rank{r}.time").read_text()) - failed_at < 3.0, r
+    # the survivors removed the files of the rank that died, and the directory
+    assert not os.path.exists((tmp_path / "dir").read_text())
+
+
+def test_transport_is_checked() -> None:
+    with pytest.raises(ConfigError, match="unknown transport 'tcp'"):
+        RuntimeOptions(transport="tcp")  # type: ignore[arg-type]
+    here = {"host": "a", "boot": "b", "pidns": "p", "dir": "/dev/shm", "dev": [1, 2]}
+    ok = {**here, "problem": None}
+    assert _why_not([ok, ok], "gloo") is None
+    assert "backend is nccl" in str(_why_not([ok, ok], "nccl"))
+    assert "rank 1 on c" in str(_why_not([ok, {**ok, "host": "c"}], "gloo"))
+    assert "rank 1: /x is not writable" in str(
+        _why_not([ok, {**ok, "problem": "/x is not writable"}], "gloo")
+    )
+
+
+@pytest.fixture
+def loop(tmp_path: Path):
+    """Links of rank 0 to itself in one process: a send is received by the same object."""
+    from timeprest.engine.runtime.shm import _identity
+    from timeprest.engine.runtime.shm_links import ShmLinks
+
+    links = ShmLinks(str(tmp_path / "links"), 0, [0], [_identity(str(tmp_path))])
+    links.make_fifos()
+    links.connect()
+    links.unlink_fifos()
+    yield links
+    links.close(notify=False)
+    assert not (tmp_path / "links").exists()
+
+
+def test_links_carry_every_dtype_and_reuse_slots(loop: Any) -> None:
+    values = [
+        torch.randn(3, 4, dtype=torch.float64),
+        torch.randn(2, 2, dtype=torch.complex64),
+        torch.tensor([True, False, True]),
+        torch.tensor(7, dtype=torch.int64),  # 0-d
+        torch.empty(0, 5),
+        torch.randn(3000),  # larger than one page
+    ]
+    for i, x in enumerate(values):
+        slot = loop.post(0, "act", (i, 0), x)
+        got, spec = loop.take(0, (i, 0), "m", 5.0)
+        assert spec == (tuple(x.shape), x.dtype)
+        assert got.dtype == x.dtype and torch.equal(got, x)
+        assert got.data_ptr() != slot.data.data_ptr()  # a fresh copy, not the slot
+        slot.busy = False
+    # every slot was freed: the small messages shared one, the large one made another
+    assert len(loop.outs[0].slots) == 2
+    assert os.listdir(loop.directory) == []  # the receiver unlinked what it mapped
+
+
+def test_links_say_when_shared_memory_is_full(loop: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    from timeprest.engine.runtime.shm_links import ShmFull
+
+    def full(fd: int, offset: int, length: int) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "posix_fallocate", full)
+    with pytest.raises(ShmFull, match="--shm-size.*transport='process-group'"):
+        loop.post(0, "act", (0, 0), torch.randn(10))
