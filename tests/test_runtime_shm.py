@@ -231,3 +231,22 @@ def test_links_say_when_shared_memory_is_full(loop: Any, monkeypatch: pytest.Mon
     monkeypatch.setattr(os, "posix_fallocate", full)
     with pytest.raises(ShmFull, match="--shm-size.*transport='process-group'"):
         loop.post(0, "act", (0, 0), torch.randn(10))
+
+
+def test_links_wait_for_room_when_the_reader_is_behind(loop: Any) -> None:
+    import fcntl
+
+    from timeprest.engine.runtime.failures import CommError
+
+    # a pipe of one page holds 32 records: the 33rd send waits, here until its timeout
+    fcntl.fcntl(loop.ins[0].fd, fcntl.F_SETPIPE_SZ, 4096)
+    x = torch.randn(4)
+    for i in range(32):
+        loop.post(0, "act", (i, 0), x, "m", 0.5).busy = False
+    with pytest.raises(CommError, match="no room in 0.5 s"):
+        loop.post(0, "act", (32, 0), x, "m", 0.5)
+    for i in range(4):  # the reader catches up: there is room again
+        got, _ = loop.take(0, (i, 0), "m", 5.0)
+        assert torch.equal(got, x)
+    loop.post(0, "act", (32, 0), x, "m", 0.5)
+    assert torch.equal(loop.take(0, (32, 0), "m", 5.0)[0], x)

@@ -242,8 +242,9 @@ class ShmTransport:
         rows = self.rows[key[0]][key[1]]
         try:
             agree_shape(self.shapes_in, self.shapes_out, kind, key, rows, x, self.stage, what)
-            self.in_flight[(kind, key)] = self.links.post(peer, kind, key, x)
-        except TimeprestError:
+            slot = self.links.post(peer, kind, key, x, f"sending {what}", self.timeout)
+            self.in_flight[(kind, key)] = slot
+        except (TimeprestError, CommError):
             raise
         except Exception as exc:
             raise CommError(peer, f"sending {what}", exc) from exc

@@ -7,6 +7,7 @@ transport so that the mechanism (files, records, liveness) reads on its own.
 
 from __future__ import annotations
 
+import fcntl
 import glob
 import os
 import select
@@ -33,6 +34,7 @@ _CLOSED = 2
 _POLL = 0.25  # seconds between checks that a silent peer is still alive
 _PAGE = 4096
 _READ = 1 << 16  # a pipe's default capacity
+_PIPE = 1 << 20  # asked for (Linux's default limit): 8,192 records in flight per pair
 
 
 class ShmFull(ConfigError):
@@ -155,6 +157,13 @@ class ShmLinks:
             self.files.paths.append(path)
             inn.fd = os.open(path, os.O_RDWR | os.O_NONBLOCK)
             self.files.fds.append(inn.fd)
+            # more records fit before a sender has to wait for this reader (512 by default)
+            setsize = getattr(fcntl, "F_SETPIPE_SZ", None)
+            if setsize is not None:
+                try:
+                    fcntl.fcntl(inn.fd, setsize, _PIPE)
+                except OSError:
+                    pass
             self.by_fd[inn.fd] = inn
 
     def connect(self) -> None:
@@ -197,7 +206,28 @@ class ShmLinks:
         out.slots.append(slot)
         return slot
 
-    def post(self, peer: int, kind: Kind, key: Key, x: Tensor) -> Slot:
+    def _ring(self, out: _Out, record: bytes, what: str, timeout: float) -> None:
+        """Write ``record`` to ``out``'s FIFO; when it is full (the reader is that many
+        records behind), wait until it has room, the reader is gone, or the timeout."""
+        inn = self.ins[out.peer]
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                os.write(out.fd, record)
+                return
+            except BlockingIOError:
+                pass
+            if not _alive(inn.pid, inn.start):
+                cause = ConnectionError(f"the process of rank {out.peer} (pid {inn.pid}) is gone")
+                raise CommError(out.peer, what, cause)
+            now = time.monotonic()
+            if now >= deadline:
+                raise CommError(out.peer, what, TimeoutError(f"no room in {timeout:g} s"))
+            select.select([], [out.fd], [], min(_POLL, deadline - now))
+
+    def post(
+        self, peer: int, kind: Kind, key: Key, x: Tensor, what: str = "", timeout: float = 60.0
+    ) -> Slot:
         """Copy contiguous ``x`` into a free slot to ``peer`` and ring its doorbell."""
         out = self.outs[peer]
         nbytes = x.numel() * x.element_size()
@@ -207,7 +237,7 @@ class ShmLinks:
             slot.data[:nbytes].copy_(x.reshape(-1).view(torch.uint8))
         dims = [*x.shape] + [0] * (8 - x.dim())
         head = (_CODE[kind], slot.id, slot.capacity, nbytes, key[0], key[1])
-        os.write(out.fd, _RECORD.pack(*head, _DTYPES.index(x.dtype), x.dim(), *dims))
+        self._ring(out, _RECORD.pack(*head, _DTYPES.index(x.dtype), x.dim(), *dims), what, timeout)
         slot.busy = True
         return slot
 
