@@ -236,10 +236,10 @@ def _record(tmp: str, rank: int, name: str, fn, reraise: bool = False) -> None:
     Path(f"{tmp}/{name}{rank}.time").write_text(repr(time.time()))
 
 
-def _failure_worker(rank: int, world: int, tmp: str) -> None:
+def _failure_worker(rank: int, world: int, tmp: str, transport: str) -> None:
     """Three failures in a row, each in a fresh process group: a non-finite loss, a
     shape change and, last, a rank killed outright."""
-    opts = RuntimeOptions(timeout=5)
+    opts = RuntimeOptions(timeout=5, transport=transport)  # type: ignore[arg-type]
 
     def pipe(stage_fn, method: str) -> timeprest.Pipeline:
         return timeprest.Pipeline(
@@ -276,9 +276,10 @@ def _failure_worker(rank: int, world: int, tmp: str) -> None:
     _record(tmp, rank, "kill", lambda: pipe(killed, "pipedream").train(kill_batches), True)
 
 
-def test_failures_stop_every_rank_with_one_message(tmp_path: Path) -> None:
+@pytest.mark.parametrize("transport", ["auto", "process-group"])  # auto: shared memory
+def test_failures_stop_every_rank_with_one_message(tmp_path: Path, transport: str) -> None:
     world = 3
-    codes = spawn(_failure_worker, world, tmp_path, limit=90)
+    codes = spawn(_failure_worker, world, tmp_path, transport, limit=90)
     # the killed rank dies by the signal; the others exit with an error (code 1)
     assert codes == [1, -signal.SIGKILL, 1]
 

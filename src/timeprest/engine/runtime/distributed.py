@@ -12,6 +12,7 @@ first message, and a failure anywhere stops every rank
 
 from __future__ import annotations
 
+import datetime
 import hashlib
 import json
 import sys
@@ -104,6 +105,13 @@ class DistributedRuntime:
             self._all_gather, self.agreed,
         )  # fmt: skip
         self.transport = "process-group" if self._links is None else "shm"
+        # gloo: one group per direction of the stage-to-stage traffic (see P2PTransport)
+        self._p2p_groups: dict[str, Any] | None = None
+        if self._links is None and self.info.backend == "gloo":
+            wait = datetime.timedelta(seconds=self.options.timeout)
+            self._p2p_groups = {
+                k: dist.new_group(backend="gloo", timeout=wait) for k in ("act", "grad")
+            }
 
     def rank_name(self, rank: int) -> str:
         """How messages name ``rank``: its stage, and its replica with several."""
@@ -381,6 +389,7 @@ class DistributedRuntime:
                 lookahead=lookahead,
                 ordered=self.info.backend == "nccl",
                 ranks=lay.pipeline_ranks(),
+                groups=self._p2p_groups,
             )
             self._transport = transport
             transport.pump()

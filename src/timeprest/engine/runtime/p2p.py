@@ -123,6 +123,7 @@ class P2PTransport:
         lookahead: int,
         ordered: bool,
         ranks: Sequence[int] | None = None,
+        groups: dict[Kind, Any] | None = None,
     ) -> None:
         self.stage = stage
         self.ranks = list(ranks) if ranks is not None else list(range(lowered.schedule.num_stages))
@@ -153,7 +154,10 @@ class P2PTransport:
         world = dist.group.WORLD
         if world is None:
             raise ScheduleError("internal: the point-to-point transport needs a process group")
-        self._group = world
+        # ``groups``: a process group per channel kind, so that activations and gradients
+        # between two ranks go over two connections (gloo: sends and receives in the two
+        # directions of one pair wait on each other, up to milliseconds a message)
+        self._groups: dict[Kind, Any] = groups or {"act": world, "grad": world}
 
     # -- naming, for messages ------------------------------------------------------
     def describe(self, kind: Kind, key: Key) -> str:
@@ -174,14 +178,14 @@ class P2PTransport:
         except Exception as exc:
             raise CommError(peer, what, exc) from exc
 
-    def _irecv(self, buf: Tensor, peer: int, tag: int, what: str) -> Any:
+    def _irecv(self, buf: Tensor, peer: int, kind: Kind, tag: int, what: str) -> Any:
         try:
-            return self._group.recv([_real(buf)], peer, tag)
+            return self._groups[kind].recv([_real(buf)], peer, tag)
         except Exception as exc:
             raise CommError(peer, what, exc) from exc
 
-    def _isend(self, x: Tensor, peer: int, tag: int) -> Any:
-        return self._group.send([_real(x)], peer, tag)
+    def _isend(self, x: Tensor, peer: int, kind: Kind, tag: int) -> Any:
+        return self._groups[kind].send([_real(x)], peer, tag)
 
     # -- receiving -----------------------------------------------------------------
     def _post_one(self, ch: _Channel) -> bool:
@@ -198,12 +202,12 @@ class P2PTransport:
             if ch.kind == "grad":
                 return False  # our own output of that size is not known yet
             buf = torch.empty(HEADER, dtype=torch.int64, device=self.device)
-            work = self._irecv(buf, ch.peer, self._tag(ch.kind, key, True), what)
+            work = self._irecv(buf, ch.peer, ch.kind, self._tag(ch.kind, key, True), what)
             ch.posted[key] = _Posted(work, buf, header=True)
             ch.header_pending = True
         else:
             buf = torch.empty(spec[0], dtype=spec[1], device=self.device)
-            work = self._irecv(buf, ch.peer, self._tag(ch.kind, key, False), what)
+            work = self._irecv(buf, ch.peer, ch.kind, self._tag(ch.kind, key, False), what)
             ch.posted[key] = _Posted(work, buf, header=False)
         ch.next_post += 1
         return True
@@ -235,7 +239,9 @@ class P2PTransport:
             ch.header_pending = False
             buf = torch.empty(spec[0], dtype=spec[1], device=self.device)
             posted = _Posted(
-                self._irecv(buf, ch.peer, self._tag(kind, key, False), what), buf, header=False
+                self._irecv(buf, ch.peer, kind, self._tag(kind, key, False), what),
+                buf,
+                header=False,
             )
         self._wait(posted.work, ch.peer, what)
         ch.consumed += 1
@@ -268,8 +274,8 @@ class P2PTransport:
                 self.shapes_in, self.shapes_out, kind, key, rows, x, self.stage, what
             )
             if header is not None:
-                sends.append((self._isend(header, peer, self._tag(kind, key, True)), header))
-            sends.append((self._isend(x, peer, self._tag(kind, key, False)), x))
+                sends.append((self._isend(header, peer, kind, self._tag(kind, key, True)), header))
+            sends.append((self._isend(x, peer, kind, self._tag(kind, key, False)), x))
         except TimeprestError:
             raise
         except Exception as exc:
