@@ -1,6 +1,9 @@
 """Throughput of the distributed runtime against torch.distributed.pipelining, W = 2 on CPU.
 
-Two processes, one stage each, one intra-op thread each (gloo on loopback).
+Two processes, one stage each, one intra-op thread each: our runtime's
+stage-to-stage messages over its default transport on one host (shared
+memory; ``--transport process-group`` for gloo's send/recv), torch's over
+gloo on loopback.
 Both stages are the same stack of Linear+ReLU layers, so they cost the same.
 In one run, interleaved over several rounds (medians reported):
 
@@ -330,7 +333,12 @@ def worker(rank: int, args: argparse.Namespace, port: int) -> None:
     # warm-up: shapes, allocator, first-call costs
     for name in methods:
         runners[name].run(data[name][:2])
-    links: list[Link] = []  # per round: the link of these two processes (gloo on loopback)
+    # per round: the link of these two processes, over the transport our runtime chose
+    ours = [r for r in runners.values() if isinstance(r, Ours)]
+    engine: Any = ours[0].pipe._engine if ours else None  # DistributedRuntime
+    wire = engine.transport if engine is not None else "process-group"
+    args.wire = wire
+    links: list[Link] = []
     rates: dict[str, list[float]] = {name: [] for name in methods}
     cpu: dict[str, list[list[float]]] = {name: [] for name in methods}
     stage_times: list[list[Times]] = []  # per measurement, per rank
@@ -367,7 +375,7 @@ def worker(rank: int, args: argparse.Namespace, port: int) -> None:
         alone_times.append(each)
 
     for r in range(args.rounds):
-        links.append(link_between(1 - rank, m * width * 4, first=rank == 0))
+        links.append(link_between(1 - rank, m * width * 4, first=rank == 0, transport=wire))
         alone()
         # the order turns every round, so that no method always runs first or last
         order = methods[r % len(methods) :] + methods[: r % len(methods)]
@@ -451,7 +459,10 @@ def report(
             )
     except (OSError, StopIteration):
         pass
-    print("== throughput: W=2 stages, one process each, gloo on loopback ==")
+    print(
+        f"== throughput: W=2 stages, one process each; our transport {args.wire} "
+        f"(--transport {args.transport}), torch's gloo on loopback =="
+    )
     print(
         f"torch {torch.__version__}, timeprest {timeprest.__version__}, python "
         f"{platform.python_version()}, {os.cpu_count()} cores ({cpu_name}), "
@@ -556,7 +567,8 @@ def predict(
         "both processes at once, one thread each) in every round; stage s from rank s"
     )
     print(
-        "link per round (timeprest.sim.link.link_between, ping-pong of these two processes; "
+        f"link per round (timeprest.sim.link.link_between over {args.wire}, ping-pong of "
+        "these two processes; "
         f"{template.stages[0].output_bytes:,}-byte messages): overhead ms per message sent or "
         "received "
         + " ".join(f"{k.overhead * 1e3:.3f}" for k in links)
@@ -748,7 +760,8 @@ def grid_summary(args: argparse.Namespace, results: list[dict[str, Any]]) -> Non
             )
     print("\n== throughput grid: summary ==")
     print(
-        f"{args.layers} x Linear(width)+ReLU per stage, W = {W}, gloo on loopback, "
+        f"{args.layers} x Linear(width)+ReLU per stage, W = {W}, our transport "
+        f"--transport {args.transport}, torch's gloo on loopback, "
         f"{args.grid_rounds} rounds per point, medians of per-round ratios; bound = rows / "
         "max_s(F_s + B_s), both processes computing (F, B and an SGD step) at once; alone: "
         "one process at a time; steady / bound: the bound's time per mini-batch over the "

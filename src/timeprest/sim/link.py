@@ -1,7 +1,9 @@
 """Measure the link between two stage processes: latency and bandwidth of one message.
 
-Two processes send a tensor back and forth (blocking ``send``/``recv``, as
-the runtime's messages go); half the median round trip is the one-way time
+Two processes send a tensor back and forth over the transport the runtime's
+messages take (``process-group``: blocking ``send``/``recv`` of the default
+group; ``shm``: the same-host shared-memory channels of
+:mod:`timeprest.engine.runtime.shm`); half the median round trip is the one-way time
 of a message of that size, and the processes' CPU time per message is the
 *overhead*, the time a message takes from the stage that sends or receives
 it (on a machine whose cores the stages share, the transport's threads
@@ -11,9 +13,9 @@ grows with the size (the bandwidth):
 ``one_way(size) = overhead + latency + size / bandwidth + overhead``.
 
 :func:`pingpong` runs inside an existing process group (a benchmark's own
-ranks); :func:`measure_link` starts two local processes on loopback, which
-is the link of a one-machine job such as ``timeprest train --engine
-distributed``. A cluster's link is another matter: measure it there, or
+ranks); :func:`measure_link` starts two local processes, which gives the
+link of a one-machine job such as ``timeprest train --engine distributed``
+(over shared memory, as the runtime's messages go on one host). A cluster's link is another matter: measure it there, or
 give ``--bandwidth`` and ``--latency``.
 """
 
@@ -26,12 +28,18 @@ import queue
 import statistics
 import tempfile
 import time
-from typing import NamedTuple
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any, NamedTuple
 
 import torch
 import torch.distributed as dist
+from torch import Tensor
 
 from timeprest.errors import ConfigError
+
+Exchange = tuple[Callable[[Tensor, int], None], Callable[[Tensor, int], None]]
+"""``(send, recv)`` of one message ``i`` to and from the peer."""
 
 SMALL_BYTES = 4
 """Size of the message that measures the latency."""
@@ -45,17 +53,75 @@ class Link(NamedTuple):
     overhead: float
 
 
+def _process_group(peer: int) -> Exchange:
+    def send(x: Tensor, i: int) -> None:
+        dist.send(x, peer)
+
+    def recv(x: Tensor, i: int) -> None:
+        dist.recv(x, peer)
+
+    return send, recv
+
+
+@contextmanager
+def _shared_memory(peer: int, timeout: float = 60.0) -> Iterator[Exchange]:
+    """The runtime's shared-memory channels between this rank and ``peer`` (adjacent ranks
+    of the default group, on one host), for as long as the block runs."""
+    from timeprest.engine.runtime.layout import default_layout
+    from timeprest.engine.runtime.shm import open_links
+    from timeprest.schedule.lower import Kind
+
+    rank, world = dist.get_rank(), dist.get_world_size()
+    if abs(peer - rank) != 1:
+        raise ConfigError(f"the shared-memory link joins neighbouring ranks, not {rank} and {peer}")
+
+    def gather(obj: Any, what: str) -> list[Any]:
+        out: list[Any] = [None] * world
+        dist.all_gather_object(out, obj)
+        return out
+
+    def agreed(what: str, fn: Callable[[], None]) -> None:
+        fn()
+        dist.barrier()
+
+    links = open_links(
+        "shm", str(dist.get_backend()), default_layout(rank, world, 1), 0, gather, agreed
+    )
+    assert links is not None
+    kind: Kind = "act" if peer > rank else "grad"
+
+    def send(x: Tensor, i: int) -> None:
+        links.post(peer, kind, (i, 0), x, "a link measurement", timeout).busy = False
+
+    def recv(x: Tensor, i: int) -> None:
+        x.copy_(links.take(peer, (i, 0), "a link measurement", timeout)[0])
+
+    try:
+        yield send, recv
+    finally:
+        dist.barrier()  # neither side closes while the other still reads
+        links.close(notify=False)
+
+
 def pingpong(
-    peer: int, nbytes: int, *, first: bool, repeats: int = 30, warmup: int = 5
+    peer: int,
+    nbytes: int,
+    *,
+    first: bool,
+    repeats: int = 30,
+    warmup: int = 5,
+    exchange: Exchange | None = None,
 ) -> tuple[float, float]:
-    """Median one-way seconds of an ``nbytes`` message to ``peer`` and back (default group),
-    and this process's CPU seconds per message (all its threads, sending or receiving).
+    """Median one-way seconds of an ``nbytes`` message to ``peer`` and back, and this
+    process's CPU seconds per message (all its threads, sending or receiving).
 
     Both ranks call it with the same arguments except ``first`` (exactly one
-    of them starts each exchange).
+    of them starts each exchange). ``exchange``: how a message goes (default: the
+    default group's blocking ``send``/``recv``).
     """
     if repeats < 1 or warmup < 0:
         raise ConfigError(f"pingpong needs repeats >= 1 and warmup >= 0, got {repeats}, {warmup}")
+    send, recv = exchange or _process_group(peer)
     buf = torch.zeros(max(nbytes, 1), dtype=torch.uint8)
     times: list[float] = []
     cpus: list[float] = []
@@ -63,11 +129,11 @@ def pingpong(
         c0 = time.process_time()
         t0 = time.perf_counter()
         if first:
-            dist.send(buf, peer)
-            dist.recv(buf, peer)
+            send(buf, i)
+            recv(buf, i)
         else:
-            dist.recv(buf, peer)
-            dist.send(buf, peer)
+            recv(buf, i)
+            send(buf, i)
         if i >= warmup:
             times.append((time.perf_counter() - t0) / 2)
             cpus.append((time.process_time() - c0) / 2)
@@ -90,17 +156,30 @@ def fit_link(small: tuple[int, float], large: tuple[int, float]) -> tuple[float,
     return max(t0 - b0 / bandwidth, 0.0), bandwidth
 
 
-def link_between(peer: int, nbytes: int, *, first: bool, repeats: int = 60) -> Link:
-    """The link to ``peer`` for messages of ``nbytes``, from two ping-pongs.
+def link_between(
+    peer: int, nbytes: int, *, first: bool, repeats: int = 60, transport: str = "process-group"
+) -> Link:
+    """The link to ``peer`` for messages of ``nbytes``, from two ping-pongs over
+    ``transport`` (``process-group`` or ``shm``: what ``DistributedRuntime.transport``
+    says the runtime uses).
 
     The overhead is the CPU time per message of ``nbytes`` (both ranks'
     mean, so every rank gets the same figure). A one-way time covers the
     sender's overhead, the flight and the receiver's overhead, so latency
     and bandwidth are fitted to the one-way times less twice the overhead.
     """
+    if transport not in ("process-group", "shm"):
+        raise ConfigError(f"unknown transport {transport!r}: expected process-group or shm")
     big = max(nbytes, SMALL_BYTES + 1)
-    t_small, cpu_small = pingpong(peer, SMALL_BYTES, first=first, repeats=repeats)
-    t_big, cpu_big = pingpong(peer, big, first=first, repeats=repeats)
+    if transport == "shm":
+        with _shared_memory(peer) as exchange:
+            t_small, cpu_small = pingpong(
+                peer, SMALL_BYTES, first=first, repeats=repeats, exchange=exchange
+            )
+            t_big, cpu_big = pingpong(peer, big, first=first, repeats=repeats, exchange=exchange)
+    else:
+        t_small, cpu_small = pingpong(peer, SMALL_BYTES, first=first, repeats=repeats)
+        t_big, cpu_big = pingpong(peer, big, first=first, repeats=repeats)
     both = torch.tensor([cpu_small, cpu_big], dtype=torch.float64)
     dist.all_reduce(both)
     o_small, o_big = (float(v) / dist.get_world_size() for v in both)
@@ -110,7 +189,9 @@ def link_between(peer: int, nbytes: int, *, first: bool, repeats: int = 60) -> L
     return Link(latency, bandwidth, o_big)
 
 
-def _worker(rank: int, rdv: str, nbytes: int, repeats: int, out: mp.Queue[object]) -> None:
+def _worker(
+    rank: int, rdv: str, nbytes: int, repeats: int, transport: str, out: mp.Queue[object]
+) -> None:
     torch.set_num_threads(1)
     try:
         dist.init_process_group(
@@ -120,7 +201,9 @@ def _worker(rank: int, rdv: str, nbytes: int, repeats: int, out: mp.Queue[object
             world_size=2,
             timeout=datetime.timedelta(seconds=60),
         )
-        result = link_between(1 - rank, nbytes, first=rank == 0, repeats=repeats)
+        result = link_between(
+            1 - rank, nbytes, first=rank == 0, repeats=repeats, transport=transport
+        )
         dist.destroy_process_group()
         if rank == 0:
             out.put(result)
@@ -128,8 +211,12 @@ def _worker(rank: int, rdv: str, nbytes: int, repeats: int, out: mp.Queue[object
         out.put(f"rank {rank}: {type(exc).__name__}: {str(exc).strip().splitlines()[0]}")
 
 
-def measure_link(nbytes: int, *, repeats: int = 60, timeout: float = 120.0) -> Link:
-    """The :class:`Link` of gloo on loopback between two new processes, for ``nbytes`` messages."""
+def measure_link(
+    nbytes: int, *, repeats: int = 60, timeout: float = 120.0, transport: str = "shm"
+) -> Link:
+    """The :class:`Link` between two new processes on this machine for ``nbytes`` messages:
+    over shared memory (``shm``, what the runtime uses on one host) or gloo on loopback
+    (``process-group``)."""
     if not isinstance(nbytes, int) or nbytes <= SMALL_BYTES:
         raise ConfigError(f"measure the link with messages of more than {SMALL_BYTES} bytes")
     ctx = mp.get_context("spawn")
@@ -137,7 +224,7 @@ def measure_link(nbytes: int, *, repeats: int = 60, timeout: float = 120.0) -> L
     with tempfile.TemporaryDirectory(prefix="timeprest-link-") as tmp:
         rdv = os.path.join(tmp, "rdv")
         procs = [
-            ctx.Process(target=_worker, args=(r, rdv, nbytes, repeats, out), daemon=True)
+            ctx.Process(target=_worker, args=(r, rdv, nbytes, repeats, transport, out), daemon=True)
             for r in range(2)
         ]
         for p in procs:
