@@ -18,7 +18,8 @@ In a script::
 
 The pieces: :mod:`.group` (the process group, the control group, shutdown),
 :mod:`.messages` (each rank's traffic, read off the lowered programs),
-:mod:`.wire` (activation headers), :mod:`.p2p` (the transport),
+:mod:`.wire` (activation headers), :mod:`.p2p` (the process group's transport),
+:mod:`.shm` and :mod:`.shm_links` (the same-host shared-memory transport),
 :mod:`.failures` (the failure protocol) and :mod:`.distributed` (the engine).
 Nothing waits longer than ``RuntimeOptions.timeout``.
 """
@@ -33,6 +34,7 @@ from timeprest.engine.runtime.group import (
 )
 from timeprest.engine.runtime.messages import MessagePlan, plan_messages, stage_events
 from timeprest.engine.runtime.p2p import P2PTransport
+from timeprest.engine.runtime.shm import ShmTransport
 from timeprest.errors import StageFailure
 from timeprest.stage.io import microbatch_rows
 
@@ -42,6 +44,7 @@ __all__ = [
     "MessagePlan",
     "P2PTransport",
     "RuntimeOptions",
+    "ShmTransport",
     "StageFailure",
     "fingerprint",
     "in_distributed_job",
