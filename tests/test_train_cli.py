@@ -162,6 +162,7 @@ def test_config_file_then_flags(tmp_path):
         (["--microbatches", "-1"], "--microbatches must be an integer >= 1, got -1"),
         (["--lr", "-0.1"], "--lr must be a positive number"),
         (["--lr", "0"], "--lr must be a positive number"),
+        (["--transport", "tcp"], "--transport"),
         (
             ["--batch-size", "2", "--microbatches", "4"],
             "--batch-size 2 is smaller than --microbatches 4",
@@ -356,20 +357,23 @@ def test_resume_with_a_corrupt_split_file_is_one_line(tmp_path):
     assert_one_line_error(rc, err, "split.json is unreadable")
 
 
-def test_distributed_outside_torchrun_relaunches_the_same_loop(tmp_path):
+@pytest.mark.parametrize(("transport", "used"), [("auto", "shm"), ("process-group", None)])
+def test_distributed_outside_torchrun_relaunches_the_same_loop(tmp_path, transport, used):
     """``--engine distributed --nproc 2`` starts torchrun itself; its workers run the one loop
-    (same files, same numbers as the emulator) and the parent reads the result back."""
+    (same files, same numbers as the emulator, over either transport) and the parent reads
+    the result back."""
     base = [*BASE, "--threads", "1", "--lr-schedule", "constant"]
     rc, _, err = train(*base, "--run-dir", str(tmp_path / "emulated"))
     assert rc == 0, err
-    rc, out, err = train(
-        *base, "--engine", "distributed", "--nproc", "2", "--run-dir", str(tmp_path / "dist")
-    )
+    dist_run = ["--engine", "distributed", "--nproc", "2", "--transport", transport]
+    rc, out, err = train(*base, *dist_run, "--run-dir", str(tmp_path / "dist"))
     assert rc == 0, err
     assert "starting 2 processes with torchrun" in out
     for name in ("config.json", "env.json", "split.json", "summary.json"):
         assert (tmp_path / "dist" / name).is_file(), name
-    assert json.loads((tmp_path / "dist" / "env.json").read_text())["processes"] == 2
+    env = json.loads((tmp_path / "dist" / "env.json").read_text())
+    assert env["processes"] == 2
+    assert env["transport"] == (used or transport)
     want = jsonl(tmp_path / "emulated" / "minibatches.jsonl")
     got = jsonl(tmp_path / "dist" / "minibatches.jsonl")
     assert [m["loss"] for m in got] == [m["loss"] for m in want]

@@ -27,6 +27,7 @@ OPTIMIZERS = ("sgd", "adam", "adamw", "nadam")
 LR_SCHEDULES = ("constant", "cosine")
 DEVICES = ("cpu", "cuda")
 ENGINES = ("emulate", "distributed")
+TRANSPORTS = ("auto", "shm", "process-group")
 PRECISIONS = ("fp32", "bf16", "fp16")
 CLIP_SCOPES = ("stage", "global")
 
@@ -227,6 +228,13 @@ class TrainConfig:
         None,
         "intra-op threads (default: torch's for the emulator, 1 per process distributed)",
         "execution",
+    )
+    transport: str = option(
+        "auto",
+        "--engine distributed: how stages exchange messages; auto is shared memory when "
+        "every process is on this host (CPU), else the process group (gloo / NCCL)",
+        "execution",
+        choices=TRANSPORTS,
     )
     run_dir: str | None = option(
         None, "where the run is written", "execution", flag=False

@@ -193,11 +193,20 @@ class DistributedContext:
         return self.broadcast(result)
 
     def env(self) -> dict[str, Any]:
-        return {"processes": self.world_size, "data_parallel": self.job.layout.num_replicas}
+        return {
+            "processes": self.world_size,
+            "data_parallel": self.job.layout.num_replicas,
+            "transport": self.job.transport,  # what --transport resolved to
+        }
 
 
 def make_context(
-    engine: str, device: str, threads: int | None, num_stages: int, data_parallel: int = 1
+    engine: str,
+    device: str,
+    threads: int | None,
+    num_stages: int,
+    data_parallel: int = 1,
+    transport: str = "auto",
 ) -> RunContext:
     """The context of a run: local for the emulator, distributed inside a torchrun job."""
     if engine != "distributed":
@@ -205,6 +214,8 @@ def make_context(
     from timeprest.engine.runtime import RuntimeOptions
 
     options = RuntimeOptions(
-        num_threads=threads or 1, backend="nccl" if device == "cuda" else "gloo"
+        num_threads=threads or 1,
+        backend="nccl" if device == "cuda" else "gloo",
+        transport=transport,  # type: ignore[arg-type]  # TrainConfig checked the choice
     )
     return DistributedContext(options, num_stages, data_parallel)

@@ -116,7 +116,9 @@ def run_training(
         return launch_training(cfg, resume=resume, overwrite=overwrite, log=log)
     if cfg.threads is not None and cfg.engine != "distributed":  # the runtime sets its own
         torch.set_num_threads(cfg.threads)
-    ctx = make_context(cfg.engine, cfg.device, cfg.threads, cfg.stages, cfg.data_parallel)
+    ctx = make_context(
+        cfg.engine, cfg.device, cfg.threads, cfg.stages, cfg.data_parallel, cfg.transport
+    )
     return _train(cfg, ctx, resume=resume, overwrite=overwrite, log=log if ctx.writes else _quiet)
 
 

@@ -196,7 +196,8 @@ class ShmLinks:
         except OSError as exc:
             raise ShmFull(
                 f"no room for a {capacity:,}-byte message in {self.directory} ({exc.strerror}): "
-                "enlarge it (docker: --shm-size) or use RuntimeOptions(transport='process-group')"
+                "enlarge it (docker: --shm-size) or use RuntimeOptions(transport='process-group') "
+                "(timeprest train: --transport process-group)"
             ) from exc
         finally:
             os.close(fd)
