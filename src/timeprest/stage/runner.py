@@ -325,17 +325,22 @@ class StageRunner:
         want_dx = not self.is_first
         if self.policy.grad_rule == "recompute":
             grads, dx = self._recompute_grads(saved, weights, grad_out, t, j, want_dx)
-        else:
+        elif self.loss_scale == 1.0 and not (self.remedies.corrects and v != k):
+            saved.backward_weights = weights
+            dx = self._backward_into_accumulators(saved, grad_out, want_dx)
+            grads = []
+        else:  # the micro-batch's own gradients: unscaled, or held for a correction
             saved.backward_weights = weights
             inputs = list(saved.leaves) + ([saved.x] if want_dx and saved.x is not None else [])
             assert saved.out is not None
             res = torch.autograd.grad(saved.out, inputs, grad_outputs=grad_out, allow_unused=True)
             grads, dx = list(res[: len(saved.leaves)]), (res[-1] if want_dx else None)
+            del res
         if self.loss_scale != 1.0:
             grads = unscale(grads, self.loss_scale, self.index, self.base_minibatch + t)
         if self.remedies.corrects and v != k:  # [remedies] corrected when the action ends
             self.remedies.defer(v, grads)
-        else:
+        elif grads:
             self._accumulate(grads)
         if want_dx and dx is None:
             assert saved.x is not None
@@ -350,6 +355,33 @@ class StageRunner:
         else:
             step.relative_distance += (dist - step.relative_distance) / n_done
         return dx if want_dx else None
+
+    def _backward_into_accumulators(
+        self, saved: Saved, grad_out: Tensor | None, want_dx: bool
+    ) -> Tensor | None:
+        """The backward with each weight's gradient added into the stage's accumulator by
+        autograd itself, as soon as it is computed (the same ``add_`` as
+        :meth:`_accumulate`, so the same bits); the input gradient is returned.
+
+        Autograd frees each micro-batch gradient right after adding it, one at a time; a
+        backward that returned them all (``autograd.grad``) and freed them together made
+        the C allocator give the memory back to the system and fault it in again, page by
+        page, at every micro-batch: at 3 x 2048^2 weights that doubled the backward.
+        """
+        assert saved.out is not None
+        leaves = saved.leaves
+        for leaf, acc in zip(leaves, self._grads):
+            leaf.grad = acc
+        x = saved.x if want_dx else None
+        inputs = [*leaves, x] if x is not None else list(leaves)
+        torch.autograd.backward(saved.out, grad_tensors=grad_out, inputs=inputs)
+        self._grads = [leaf.grad for leaf in leaves]
+        for leaf in leaves:
+            leaf.grad = None
+        if x is None:
+            return None
+        dx, x.grad = x.grad, None
+        return dx
 
     def _accumulate(self, grads: list[Tensor | None]) -> None:
         for i, g in enumerate(grads):
