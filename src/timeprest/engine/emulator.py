@@ -18,6 +18,7 @@ from typing import Any, TypeVar
 
 from torch import nn
 
+from timeprest.engine.allocator import keep_freed_memory
 from timeprest.engine.executor import StageExecutor
 from timeprest.engine.mailbox import CheckingMailbox, drive
 from timeprest.engine.protocol import Job, Outcome, StageSpec
@@ -74,6 +75,7 @@ class Emulator:
         return fn()
 
     def run(self, job: Job) -> Outcome:
+        keep_freed_memory()  # weight-sized tensors come and go at every micro-batch
         if job.replicas:  # data parallel: docs/design.md section 10
             from timeprest.engine.replicas import run_replicas
 

@@ -24,6 +24,7 @@ import torch.distributed as dist
 from torch import nn
 
 from timeprest._version import __version__
+from timeprest.engine.allocator import keep_freed_memory
 from timeprest.engine.executor import StageExecutor
 from timeprest.engine.protocol import Job, Outcome, StageSpec
 from timeprest.engine.runtime.failures import (
@@ -105,6 +106,8 @@ class DistributedRuntime:
             self._all_gather, self.agreed,
         )  # fmt: skip
         self.transport = "process-group" if self._links is None else "shm"
+        # weight-sized tensors come and go at every micro-batch (a bad setting fails everywhere)
+        self.agreed("the allocator's settings", keep_freed_memory)
         # gloo: one group per direction of the stage-to-stage traffic (see P2PTransport)
         self._p2p_groups: dict[str, Any] | None = None
         if self._links is None and self.info.backend == "gloo":
