@@ -341,7 +341,7 @@ class StageRunner:
         if self.remedies.corrects and v != k:  # [remedies] corrected when the action ends
             self.remedies.defer(v, grads)
         elif grads:
-            self._accumulate(grads)
+            self._accumulate(grads, dx)
         if want_dx and dx is None:
             assert saved.x is not None
             dx = torch.zeros_like(saved.x)
@@ -361,7 +361,10 @@ class StageRunner:
     ) -> Tensor | None:
         """The backward with each weight's gradient added into the stage's accumulator by
         autograd itself, as soon as it is computed (the same ``add_`` as
-        :meth:`_accumulate`, so the same bits); the input gradient is returned.
+        :meth:`_accumulate`, so the same values; a first gradient laid out unlike its
+        parameter is copied to the parameter's layout, and one that is also another
+        output, such as the input gradient, is copied rather than taken); the input
+        gradient is returned.
 
         Autograd frees each micro-batch gradient right after adding it, one at a time; a
         backward that returned them all (``autograd.grad``) and freed them together made
@@ -374,21 +377,31 @@ class StageRunner:
             leaf.grad = acc
         x = saved.x if want_dx else None
         inputs = [*leaves, x] if x is not None else list(leaves)
-        torch.autograd.backward(saved.out, grad_tensors=grad_out, inputs=inputs)
-        self._grads = [leaf.grad for leaf in leaves]
-        for leaf in leaves:
-            leaf.grad = None
-        if x is None:
-            return None
-        dx, x.grad = x.grad, None
+        try:
+            torch.autograd.backward(saved.out, grad_tensors=grad_out, inputs=inputs)
+            self._grads = [leaf.grad for leaf in leaves]
+            dx = None if x is None else x.grad
+        finally:  # the leaves must not keep the accumulators (nor a half-done sum)
+            for leaf in leaves:
+                leaf.grad = None
+            if x is not None:
+                x.grad = None
         return dx
 
-    def _accumulate(self, grads: list[Tensor | None]) -> None:
+    def _accumulate(self, grads: list[Tensor | None], dx: Tensor | None = None) -> None:
+        """Add a micro-batch's gradients to the accumulators; a first gradient becomes its
+        accumulator unless it is also another output (the input gradient ``dx``, another
+        weight's gradient): then a copy does, so no later ``add_`` changes that output."""
+        taken = {id(dx)} if dx is not None else set()
         for i, g in enumerate(grads):
             if g is None:
                 continue
             acc = self._grads[i]
-            self._grads[i] = g if acc is None else acc.add_(g)
+            if acc is None:
+                self._grads[i] = g.clone() if id(g) in taken else g
+                taken.add(id(g))
+            else:
+                acc.add_(g)
 
     def _recompute_grads(
         self,
