@@ -109,6 +109,62 @@ def test_shm_matches_the_process_group_bitwise(world: int, tmp_path: Path) -> No
             assert not os.path.exists(d), d
 
 
+class _Slow(nn.Module):
+    """Sleeps on every other forward, so that its sender runs ahead and slots are reused
+    while earlier messages wait to be read."""
+
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+        self.calls = 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        if self.calls % 2:
+            time.sleep(0.003)
+        return self.inner(x)
+
+
+LONG = (6,) * 30  # 30 mini-batches of 2 micro-batches: 60 messages each way
+
+
+def _reuse_worker(rank: int, world: int, tmp: str) -> None:
+    init_group(rank, world, f"{tmp}/rdv")
+
+    def stage_fn(s: int) -> nn.Module:
+        return _Slow(make_stage(s, world, F64)) if s == 1 else make_stage(s, world, F64)
+
+    out: dict[str, Any] = {}
+    for method in ("v-timeprest", "pipedream"):
+        pipe = pipeline(world, method, RuntimeOptions(timeout=30, transport="shm"), stage_fn)
+        out[method] = pipe.train(make_batches(F64, LONG))
+        engine: Any = pipe._engine
+        out[f"slots/{method}"] = {p: len(o.slots) for p, o in engine._links.outs.items()}
+        del pipe, engine
+        gc.collect()
+    torch.save(out, f"{tmp}/rank{rank}.pt")
+
+
+def test_slots_are_reused_and_a_slow_reader_reads_what_was_sent(tmp_path: Path) -> None:
+    world = 2
+    assert spawn(_reuse_worker, world, tmp_path, limit=120) == [0] * world
+    got = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(world)]
+    for method in ("v-timeprest", "pipedream"):
+        emulated = timeprest.Pipeline(
+            [make_stage(s, world, F64) for s in range(world)],
+            method=method,
+            num_microbatches=2,
+            optimizer=lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9),
+            loss_fn=nn.functional.mse_loss,
+        )
+        want = emulated.train(make_batches(F64, LONG))
+        for r in range(world):
+            assert got[r][method] == want, (method, r)
+            # 60 messages each way went through a few slots: the receiver's proof freed them
+            for peer, count in got[r][f"slots/{method}"].items():
+                assert 1 <= count <= 6, (method, r, peer, count)
+
+
 class _Fail(nn.Module):
     """On its n-th forward: kills its process (``kill``) or returns NaN."""
 
@@ -233,20 +289,44 @@ def test_links_say_when_shared_memory_is_full(loop: Any, monkeypatch: pytest.Mon
         loop.post(0, "act", (0, 0), torch.randn(10))
 
 
-def test_links_wait_for_room_when_the_reader_is_behind(loop: Any) -> None:
+def test_links_wait_for_room_when_the_reader_is_behind(tmp_path: Path) -> None:
     import fcntl
 
     from timeprest.engine.runtime.failures import CommError
+    from timeprest.engine.runtime.shm import _identity
+    from timeprest.engine.runtime.shm_links import ShmLinks
 
-    # a pipe of one page holds 32 records: the 33rd send waits, here until its timeout
+    me = _identity(str(tmp_path))
+    a, b = (ShmLinks(str(tmp_path / "links"), r, [1 - r], [me, me]) for r in (0, 1))
+    for step in ("make_fifos", "connect", "unlink_fifos"):
+        for links in (a, b):
+            getattr(links, step)()
+    try:
+        # a pipe of one page holds 32 records: the 33rd send waits, here until its timeout
+        fcntl.fcntl(b.ins[0].fd, fcntl.F_SETPIPE_SZ, 4096)
+        x = torch.randn(4)
+        for i in range(32):
+            a.post(1, "act", (i, 0), x, "m", 0.5).busy = False
+        with pytest.raises(CommError, match="no room in 0.5 s"):
+            a.post(1, "act", (32, 0), x, "m", 0.5)
+        for i in range(4):  # the reader catches up: there is room again
+            assert torch.equal(b.take(0, (i, 0), "m", 5.0)[0], x)
+        a.post(1, "act", (32, 0), x, "m", 0.5)
+        assert torch.equal(b.take(0, (32, 0), "m", 5.0)[0], x)
+    finally:
+        a.close(notify=False)
+        b.close(notify=False)
+
+
+def test_a_sender_waiting_for_room_reads_its_own_records(loop: Any) -> None:
+    import fcntl
+
+    # to itself, through a FIFO of 32 records: the wait for room reads them into the
+    # inbox, so 40 sends in a row do not wait for a timeout
     fcntl.fcntl(loop.ins[0].fd, fcntl.F_SETPIPE_SZ, 4096)
-    x = torch.randn(4)
-    for i in range(32):
-        loop.post(0, "act", (i, 0), x, "m", 0.5).busy = False
-    with pytest.raises(CommError, match="no room in 0.5 s"):
-        loop.post(0, "act", (32, 0), x, "m", 0.5)
-    for i in range(4):  # the reader catches up: there is room again
-        got, _ = loop.take(0, (i, 0), "m", 5.0)
-        assert torch.equal(got, x)
-    loop.post(0, "act", (32, 0), x, "m", 0.5)
-    assert torch.equal(loop.take(0, (32, 0), "m", 5.0)[0], x)
+    xs = [torch.full((3,), float(i)) for i in range(40)]
+    for i, x in enumerate(xs):
+        loop.post(0, "act", (i, 0), x, "m", 2.0)
+    assert len(loop.ins[0].inbox) >= 8  # read while waiting for room
+    for i, x in enumerate(xs):
+        assert torch.equal(loop.take(0, (i, 0), "m", 5.0)[0], x)

@@ -11,10 +11,11 @@ as much again as the backward (docs/runtime.md, "Throughput grid, third
 pass").
 
 :func:`keep_freed_memory` raises both thresholds (``mallopt``), so freed
-blocks stay in the heap and are reused; a process then holds on to its
-peak heap. Both engines call it when they first train (it changes the
-whole process, once); ``TIMEPREST_MALLOC=system`` leaves the allocator as it
-is. Elsewhere than glibc it does nothing.
+blocks stay in the heap and are reused. It changes the whole process, once
+and for good: the process then holds on to its peak heap rather than giving
+memory back. The emulator calls it when it first trains, the distributed
+runtime when it is built (every rank, together); ``TIMEPREST_MALLOC=system``
+leaves the allocator as it is. Elsewhere than glibc it does nothing.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ _M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
 _NEVER_TRIM = 2**31 - 1  # an int: the largest value mallopt takes
 _MMAP_AT = 1 << 30  # blocks below 1 GiB come from the heap
+_MMAP_MAX_DOCUMENTED = 32 << 20  # mallopt(3): DEFAULT_MMAP_THRESHOLD_MAX on 64-bit
 
 _done: bool | None = None
 
@@ -59,8 +61,9 @@ def keep_freed_memory() -> bool:
         return _done
     mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
     mallopt.restype = ctypes.c_int
-    # the mapping threshold first: setting either turns glibc's own adjustment off
-    _done = bool(mallopt(_M_MMAP_THRESHOLD, _MMAP_AT)) and bool(
-        mallopt(_M_TRIM_THRESHOLD, _NEVER_TRIM)
-    )
+    # the mapping threshold first (setting either turns glibc's own adjustment off): 1 GiB
+    # where this glibc takes it, else its documented maximum on 64-bit systems (32 MiB)
+    if not mallopt(_M_MMAP_THRESHOLD, _MMAP_AT):
+        mallopt(_M_MMAP_THRESHOLD, _MMAP_MAX_DOCUMENTED)
+    _done = bool(mallopt(_M_TRIM_THRESHOLD, _NEVER_TRIM))
     return _done

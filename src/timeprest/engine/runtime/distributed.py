@@ -12,7 +12,6 @@ first message, and a failure anywhere stops every rank
 
 from __future__ import annotations
 
-import datetime
 import hashlib
 import json
 import sys
@@ -42,6 +41,7 @@ from timeprest.engine.runtime.group import (
     control_group,
     forget_control_group,
     init_distributed,
+    p2p_groups,
     register,
 )
 from timeprest.engine.runtime.layout import Layout, default_layout, dp_group, mesh_layout
@@ -99,22 +99,18 @@ class DistributedRuntime:
         self.shapes_in: dict[int, Spec] = {}
         self.shapes_out: dict[int, Spec] = {}
         self._transport: P2PTransport | ShmTransport | None = None
-        self._links: ShmLinks | None = None
+        # weight-sized tensors come and go at every micro-batch (a bad setting fails everywhere)
+        self.agreed("the allocator's settings", keep_freed_memory)
         # the stage-to-stage transport, chosen and set up once per pipeline (RuntimeOptions)
-        self._links = open_links(
+        self._links: ShmLinks | None = open_links(
             self.options.transport, self.info.backend, self.layout, self.instance,
             self._all_gather, self.agreed,
         )  # fmt: skip
         self.transport = "process-group" if self._links is None else "shm"
-        # weight-sized tensors come and go at every micro-batch (a bad setting fails everywhere)
-        self.agreed("the allocator's settings", keep_freed_memory)
         # gloo: one group per direction of the stage-to-stage traffic (see P2PTransport)
-        self._p2p_groups: dict[str, Any] | None = None
+        self.p2p_groups: dict[str, Any] | None = None
         if self._links is None and self.info.backend == "gloo":
-            wait = datetime.timedelta(seconds=self.options.timeout)
-            self._p2p_groups = {
-                k: dist.new_group(backend="gloo", timeout=wait) for k in ("act", "grad")
-            }
+            self.p2p_groups = p2p_groups(self.options.timeout)
 
     def rank_name(self, rank: int) -> str:
         """How messages name ``rank``: its stage, and its replica with several."""
@@ -392,7 +388,7 @@ class DistributedRuntime:
                 lookahead=lookahead,
                 ordered=self.info.backend == "nccl",
                 ranks=lay.pipeline_ranks(),
-                groups=self._p2p_groups,
+                groups=self.p2p_groups,
             )
             self._transport = transport
             transport.pump()

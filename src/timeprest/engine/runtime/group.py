@@ -150,6 +150,22 @@ def control_group(timeout: float) -> Any:
     return _control[1]
 
 
+# The process-group transport's two groups over gloo, one per direction of the
+# stage-to-stage traffic: made once per default group, like the control group.
+_p2p: tuple[weakref.ref[Any], dict[str, Any]] | None = None
+
+
+def p2p_groups(timeout: float) -> dict[str, Any]:
+    """The gloo groups of the activations and of the gradients (collective the first time)."""
+    global _p2p
+    world = dist.group.WORLD
+    if _p2p is None or _p2p[0]() is not world:
+        wait = datetime.timedelta(seconds=timeout)
+        groups = {kind: dist.new_group(backend="gloo", timeout=wait) for kind in ("act", "grad")}
+        _p2p = (weakref.ref(world), groups)
+    return _p2p[1]
+
+
 def shutdown() -> None:
     """End this process's part of the distributed job cleanly; safe to call twice.
 
@@ -160,12 +176,14 @@ def shutdown() -> None:
     interpreter exit once a runtime was created: a gloo worker thread still releasing the tensors of the last
     collective when the interpreter finalises aborts the process (SIGABRT).
     """
-    global _control, _owned_world
+    global _control, _owned_world, _p2p
     for rt in list(_runtimes):
         if rt.broken is None:
             rt.broken = SHUT_DOWN
         rt.group = None
+        rt.p2p_groups = None
     _control = None
+    _p2p = None
     owned = _owned_world() if _owned_world is not None else None
     _owned_world = None
     try:
@@ -189,6 +207,7 @@ def register(runtime: Any) -> int:
 
 
 def forget_control_group() -> None:
-    """Drop the control group reference (after a failure tore the groups down)."""
-    global _control
+    """Drop the references to the runtime's groups (after a failure tore them down)."""
+    global _control, _p2p
     _control = None
+    _p2p = None

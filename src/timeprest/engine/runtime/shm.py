@@ -18,10 +18,12 @@ after a second one each unlinks the FIFOs it made.
 
 A message from rank a to rank b: a copies the payload into a free *slot* of
 its link to b (a file ``a-b-N.slot`` mapped on both sides; when no free slot
-is large enough a new one is made, so a send never blocks, like gloo's
-``isend``), then writes a 128-byte record to b's FIFO: kind, slot, the
+is large enough a new one is made, so a send never waits for a slot, like
+gloo's ``isend``), then writes a 128-byte record to b's FIFO: kind, slot, the
 slot's size, the payload's size, the (t, j) key, dtype and shape (a write
-of up to ``PIPE_BUF`` bytes to a pipe is atomic). b waits in ``select`` on
+of up to ``PIPE_BUF`` bytes to a pipe is atomic; the FIFO holds 8,192
+records where the system allows, and a send waits only when b is that far
+behind, reading its own incoming records meanwhile). b waits in ``poll`` on
 its FIFOs, keeps the records it reads in an inbox per peer, maps a slot the
 first time it sees it (and unlinks its file: both sides have it mapped) and
 copies the payload into a fresh tensor (autograd keeps received
@@ -63,7 +65,7 @@ from timeprest.engine.runtime.layout import Layout
 from timeprest.engine.runtime.messages import plan_messages
 from timeprest.engine.runtime.p2p import P2PTransport, agree_shape, check_order, describe
 from timeprest.engine.runtime.shm_links import ShmLinks, Slot, proc_state, read_text
-from timeprest.engine.runtime.wire import Spec
+from timeprest.engine.runtime.wire import Spec, check_sendable
 from timeprest.errors import ConfigError, ScheduleError, TimeprestError
 from timeprest.schedule.lower import Kind, Lowered, Op
 
@@ -90,11 +92,16 @@ def _identity(base: str) -> dict[str, Any]:
             problem = f"{base} is not writable"
     except OSError as exc:
         problem = f"{base}: {exc}"
-    state = proc_state(os.getpid())
+    try:  # a sandbox may forbid these: then this rank says why, and every rank decides alike
+        state = proc_state(os.getpid())
+        pidns = os.readlink("/proc/self/ns/pid") if os.path.exists("/proc/self/ns/pid") else ""
+    except (OSError, ValueError, IndexError) as exc:
+        state, pidns = None, ""
+        problem = problem or f"cannot read this process's state in /proc: {exc}"
     return {
         "host": socket.gethostname(),
         "boot": read_text("/proc/sys/kernel/random/boot_id"),
-        "pidns": os.readlink("/proc/self/ns/pid") if os.path.exists("/proc/self/ns/pid") else "",
+        "pidns": pidns,
         "dir": base,
         "dev": dev,
         "problem": problem,
@@ -224,7 +231,12 @@ class ShmTransport:
         what = self.describe(kind, key)
         if ch.consumed >= len(ch.keys) or ch.keys[ch.consumed] != key:
             raise ScheduleError(f"internal: stage {self.stage} asked for {what} out of order")
-        x, spec = self.links.take(ch.peer, key, what, self.timeout)
+        try:
+            x, spec = self.links.take(ch.peer, key, what, self.timeout)
+        except (TimeprestError, CommError):
+            raise
+        except Exception as exc:
+            raise CommError(ch.peer, what, exc) from exc
         if kind == "act":
             self.shapes_in.setdefault(self.rows[key[0]][key[1]], spec)
         ch.consumed += 1
@@ -241,6 +253,7 @@ class ShmTransport:
         x = tensor.detach().contiguous()
         rows = self.rows[key[0]][key[1]]
         try:
+            check_sendable(x, self.stage, key)
             agree_shape(self.shapes_in, self.shapes_out, kind, key, rows, x, self.stage, what)
             slot = self.links.post(peer, kind, key, x, f"sending {what}", self.timeout)
             self.in_flight[(kind, key)] = slot

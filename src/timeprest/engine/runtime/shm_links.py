@@ -22,13 +22,14 @@ import torch
 from torch import Tensor
 
 from timeprest.engine.runtime.failures import CommError
-from timeprest.engine.runtime.wire import _DTYPES, Spec
-from timeprest.errors import ConfigError
+from timeprest.engine.runtime.wire import DTYPES, MAX_DIMS, Spec
+from timeprest.errors import ConfigError, ScheduleError
 from timeprest.schedule.lower import Kind
 
 Key = tuple[int, int]
 
-_RECORD = struct.Struct("<16q")  # kind, slot, capacity, nbytes, t, j, dtype, ndim, 8 dims
+# kind, slot, capacity, nbytes, t, j, dtype, ndim, the dims
+_RECORD = struct.Struct(f"<{8 + MAX_DIMS}q")
 _CODE: dict[Kind, int] = {"act": 0, "grad": 1}
 _CLOSED = 2
 _POLL = 0.25  # seconds between checks that a silent peer is still alive
@@ -207,9 +208,24 @@ class ShmLinks:
         out.slots.append(slot)
         return slot
 
+    def _wait(self, seconds: float, write_fd: int | None = None) -> None:
+        """Wait up to ``seconds`` for a record on any incoming FIFO (read into the inboxes)
+        or, with ``write_fd``, for room in that FIFO. ``poll``, not ``select``: a process
+        with many files can have descriptors above ``select``'s limit of 1024."""
+        poller = select.poll()
+        for fd in self.by_fd:
+            poller.register(fd, select.POLLIN)
+        if write_fd is not None:
+            poller.register(write_fd, select.POLLOUT)
+        for fd, _ in poller.poll(max(0, int(seconds * 1000))):
+            if fd in self.by_fd:
+                self._read(self.by_fd[fd])
+
     def _ring(self, out: _Out, record: bytes, what: str, timeout: float) -> None:
         """Write ``record`` to ``out``'s FIFO; when it is full (the reader is that many
-        records behind), wait until it has room, the reader is gone, or the timeout."""
+        records behind), wait until it has room, the reader is gone, or the timeout,
+        reading our own incoming records meanwhile (two ranks each waiting for room in the
+        other's FIFO would otherwise wait for each other)."""
         inn = self.ins[out.peer]
         deadline = time.monotonic() + timeout
         while True:
@@ -224,7 +240,7 @@ class ShmLinks:
             now = time.monotonic()
             if now >= deadline:
                 raise CommError(out.peer, what, TimeoutError(f"no room in {timeout:g} s"))
-            select.select([], [out.fd], [], min(_POLL, deadline - now))
+            self._wait(min(_POLL, deadline - now), out.fd)
 
     def post(
         self, peer: int, kind: Kind, key: Key, x: Tensor, what: str = "", timeout: float = 60.0
@@ -236,9 +252,9 @@ class ShmLinks:
         slot = min(free, key=lambda s: s.capacity) if free else self._new_slot(out, nbytes)
         if nbytes:
             slot.data[:nbytes].copy_(x.reshape(-1).view(torch.uint8))
-        dims = [*x.shape] + [0] * (8 - x.dim())
+        dims = [*x.shape] + [0] * (MAX_DIMS - x.dim())
         head = (_CODE[kind], slot.id, slot.capacity, nbytes, key[0], key[1])
-        self._ring(out, _RECORD.pack(*head, _DTYPES.index(x.dtype), x.dim(), *dims), what, timeout)
+        self._ring(out, _RECORD.pack(*head, DTYPES.index(x.dtype), x.dim(), *dims), what, timeout)
         slot.busy = True
         return slot
 
@@ -262,8 +278,14 @@ class ShmLinks:
         for rec in _RECORD.iter_unpack(data[:n]):
             if rec[0] == _CLOSED:
                 self.closed_by = inn.peer if self.closed_by is None else self.closed_by
-            else:
-                inn.inbox[(rec[4], rec[5])] = rec
+                continue
+            key = (rec[4], rec[5])
+            if rec[0] not in _CODE.values() or key in inn.inbox:
+                raise ScheduleError(
+                    f"internal: rank {inn.peer} sent rank {self.rank} a record of kind {rec[0]} "
+                    f"for {key} (already waiting: {key in inn.inbox})"
+                )
+            inn.inbox[key] = rec
         inn.pending = data[n:]
 
     def take(self, peer: int, key: Key, what: str, timeout: float) -> tuple[Tensor, Spec]:
@@ -271,7 +293,6 @@ class ShmLinks:
         inn = self.ins[peer]
         now = time.monotonic()
         deadline, check = now + timeout, now + _POLL
-        fds = list(self.by_fd)
         while (rec := inn.inbox.pop(key, None)) is None:
             if self.closed_by is not None:
                 cause = ConnectionError(f"rank {self.closed_by} closed its channels (it stopped)")
@@ -284,11 +305,9 @@ class ShmLinks:
                 check = now + _POLL
             if now >= deadline:
                 raise CommError(peer, what, TimeoutError(f"no message in {timeout:g} s"))
-            ready, _, _ = select.select(fds, [], [], max(0.0, min(check, deadline) - now))
-            for fd in ready:
-                self._read(self.by_fd[fd])
+            self._wait(min(check, deadline) - now)
         _, slot, capacity, nbytes, _, _, code, ndim, *dims = rec
-        spec: Spec = (tuple(dims[:ndim]), _DTYPES[code])
+        spec: Spec = (tuple(dims[:ndim]), DTYPES[code])
         view = inn.views.get(slot)
         if view is None:
             path = os.path.join(self.directory, f"{peer}-{self.rank}-{slot}.slot")
@@ -311,12 +330,21 @@ class ShmLinks:
     def close(self, notify: bool) -> None:
         """Release everything; with ``notify``, first tell every neighbour we stopped."""
         if notify and self._finalizer.alive:
-            closed = _RECORD.pack(_CLOSED, *([0] * 15))
+            closed = _RECORD.pack(_CLOSED, *([0] * (7 + MAX_DIMS)))
             for out in self.outs.values():
-                try:
-                    os.write(out.fd, closed)
-                except OSError:
-                    pass
+                # a full FIFO gets a moment to make room: a lost record would leave the
+                # neighbour waiting for its timeout; a reader that is gone needs none
+                deadline = time.monotonic() + 2.0
+                while True:
+                    try:
+                        os.write(out.fd, closed)
+                        break
+                    except BlockingIOError:
+                        if time.monotonic() >= deadline:
+                            break
+                        select.poll().poll(50)
+                    except OSError:
+                        break
         self._finalizer()
         for out in self.outs.values():
             out.slots.clear()

@@ -13,7 +13,7 @@ from timeprest.errors import ShapeError
 
 Key = tuple[int, int]  # (minibatch, microbatch) within one train() call
 
-_DTYPES = (
+DTYPES = (
     torch.float32,
     torch.float64,
     torch.float16,
@@ -27,23 +27,28 @@ _DTYPES = (
     torch.uint8,
     torch.bool,
 )
-_MAX_DIMS = 8
-HEADER = 2 + _MAX_DIMS  # dtype code, number of dims, dims
+MAX_DIMS = 8
+HEADER = 2 + MAX_DIMS  # dtype code, number of dims, dims
 
 Spec = tuple[tuple[int, ...], torch.dtype]
 
 
-def encode(x: Tensor, sender: int, key: Key) -> Tensor:
-    if x.dtype not in _DTYPES or x.dim() > _MAX_DIMS:
+def check_sendable(x: Tensor, sender: int, key: Key) -> None:
+    """A ShapeError unless ``x``'s dtype and number of dims can be described on the wire."""
+    if x.dtype not in DTYPES or x.dim() > MAX_DIMS:
         raise ShapeError(
             f"stage {sender} returned a tensor of dtype {x.dtype} with {x.dim()} dims for "
-            f"micro-batch {key[0]}.{key[1]}; the runtime sends up to {_MAX_DIMS} dims of "
-            f"{', '.join(str(d).removeprefix('torch.') for d in _DTYPES)}"
+            f"micro-batch {key[0]}.{key[1]}; the runtime sends up to {MAX_DIMS} dims of "
+            f"{', '.join(str(d).removeprefix('torch.') for d in DTYPES)}"
         )
-    h = [_DTYPES.index(x.dtype), x.dim(), *x.shape] + [0] * (_MAX_DIMS - x.dim())
+
+
+def encode(x: Tensor, sender: int, key: Key) -> Tensor:
+    check_sendable(x, sender, key)
+    h = [DTYPES.index(x.dtype), x.dim(), *x.shape] + [0] * (MAX_DIMS - x.dim())
     return torch.tensor(h, dtype=torch.int64, device=x.device)
 
 
 def decode(h: Tensor) -> Spec:
     v = [int(a) for a in h.cpu().tolist()]
-    return tuple(v[2 : 2 + v[1]]), _DTYPES[v[0]]
+    return tuple(v[2 : 2 + v[1]]), DTYPES[v[0]]
