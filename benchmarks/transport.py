@@ -33,8 +33,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import Tensor
 
-from timeprest.engine.runtime.layout import default_layout
-from timeprest.engine.runtime.shm import open_links
+from timeprest.sim.link import open_neighbour_links
 
 WINDOW = 8
 
@@ -67,17 +66,7 @@ class Shm:
     name = "shm"
 
     def __init__(self, rank: int) -> None:
-        def gather(obj: Any, what: str) -> list[Any]:
-            out: list[Any] = [None, None]
-            dist.all_gather_object(out, obj)
-            return out
-
-        def agreed(what: str, fn: Any) -> None:
-            fn()
-            dist.barrier()
-
-        links = open_links("shm", "gloo", default_layout(rank, 2, 1), 0, gather, agreed)
-        assert links is not None
+        links = open_neighbour_links(1 - rank)  # the runtime's channels, as the simulator's
         self.links = links
         self.peer = 1 - rank
         self.kind: Any = "act" if rank == 0 else "grad"

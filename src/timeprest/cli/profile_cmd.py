@@ -68,8 +68,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--measure-link",
         action="store_true",
-        help="measure latency and bandwidth of gloo on loopback between two local processes "
-        "(the link of a one-machine distributed run) instead of --bandwidth/--latency",
+        help="measure latency and bandwidth between two local processes over the runtime's "
+        "transport (shared memory where it can run, else gloo on loopback: the link of a "
+        "one-machine distributed run) instead of --bandwidth/--latency",
     )
     p.add_argument("--data-dir", default=None, help="where the dataset files are")
     p.add_argument("--image-size", type=int, default=None, help="resize images to this size")
@@ -170,7 +171,10 @@ def run(args: argparse.Namespace) -> int:
                 latency=link.latency,
                 bandwidth=link.bandwidth,
                 overhead=link.overhead,
-                meta={**cost_model.meta, "link": "measured: gloo on loopback"},
+                meta={
+                    **cost_model.meta,
+                    "link": "measured: two local processes, the runtime's transport",
+                },
             )
     try:
         cost_model.save(args.out)

@@ -63,13 +63,12 @@ def _process_group(peer: int) -> Exchange:
     return send, recv
 
 
-@contextmanager
-def _shared_memory(peer: int, timeout: float = 60.0) -> Iterator[Exchange]:
-    """The runtime's shared-memory channels between this rank and ``peer`` (adjacent ranks
-    of the default group, on one host), for as long as the block runs."""
+def open_neighbour_links(peer: int, ask: str = "shm") -> Any:
+    """The runtime's shared-memory channels (:class:`~timeprest.engine.runtime.shm.ShmLinks`)
+    between this rank and ``peer``, adjacent ranks of the default group on one host;
+    with ``ask="auto"``, None where they cannot run. Collective over the default group."""
     from timeprest.engine.runtime.layout import default_layout
     from timeprest.engine.runtime.shm import open_links
-    from timeprest.schedule.lower import Kind
 
     rank, world = dist.get_rank(), dist.get_world_size()
     if abs(peer - rank) != 1:
@@ -81,20 +80,42 @@ def _shared_memory(peer: int, timeout: float = 60.0) -> Iterator[Exchange]:
         return out
 
     def agreed(what: str, fn: Callable[[], None]) -> None:
-        fn()
-        dist.barrier()
+        """``fn`` here; if it fails on any rank, a ConfigError on every rank."""
+        error = None
+        try:
+            fn()
+        except Exception as exc:  # told to every rank, then raised
+            error = f"{type(exc).__name__}: {exc}"
+        errors = [e for e in gather(error, what) if e is not None]
+        if errors:
+            raise ConfigError(f"{what} failed: {errors[0]}")
 
-    links = open_links(
-        "shm", str(dist.get_backend()), default_layout(rank, world, 1), 0, gather, agreed
+    return open_links(
+        ask, str(dist.get_backend()), default_layout(rank, world, 1), 0, gather, agreed
     )
-    assert links is not None
+
+
+@contextmanager
+def shared_memory_exchange(
+    peer: int, ask: str = "shm", timeout: float = 60.0
+) -> Iterator[Exchange | None]:
+    """A ping-pong's ``(send, recv)`` over :func:`open_neighbour_links` for as long as the
+    block runs; with ``ask="auto"``, None where shared memory cannot run (the runtime's
+    ``auto`` would use the process group there). Both ranks enter and leave together."""
+    from timeprest.schedule.lower import Kind
+
+    rank = dist.get_rank()
+    links = open_neighbour_links(peer, ask)
+    if links is None:
+        yield None
+        return
     kind: Kind = "act" if peer > rank else "grad"
 
     def send(x: Tensor, i: int) -> None:
         links.post(peer, kind, (i, 0), x, "a link measurement", timeout).busy = False
 
     def recv(x: Tensor, i: int) -> None:
-        x.copy_(links.take(peer, (i, 0), "a link measurement", timeout)[0])
+        links.take(peer, (i, 0), "a link measurement", timeout)  # a fresh copy, as the runtime
 
     try:
         yield send, recv
@@ -161,25 +182,25 @@ def link_between(
 ) -> Link:
     """The link to ``peer`` for messages of ``nbytes``, from two ping-pongs over
     ``transport`` (``process-group`` or ``shm``: what ``DistributedRuntime.transport``
-    says the runtime uses).
+    says the runtime uses; ``auto``: shared memory where it can run, as the runtime's).
 
     The overhead is the CPU time per message of ``nbytes`` (both ranks'
     mean, so every rank gets the same figure). A one-way time covers the
     sender's overhead, the flight and the receiver's overhead, so latency
     and bandwidth are fitted to the one-way times less twice the overhead.
     """
-    if transport not in ("process-group", "shm"):
-        raise ConfigError(f"unknown transport {transport!r}: expected process-group or shm")
+    if transport not in ("process-group", "shm", "auto"):
+        raise ConfigError(f"unknown transport {transport!r}: expected auto, shm or process-group")
     big = max(nbytes, SMALL_BYTES + 1)
-    if transport == "shm":
-        with _shared_memory(peer) as exchange:
+    if transport == "process-group":
+        t_small, cpu_small = pingpong(peer, SMALL_BYTES, first=first, repeats=repeats)
+        t_big, cpu_big = pingpong(peer, big, first=first, repeats=repeats)
+    else:
+        with shared_memory_exchange(peer, transport) as exchange:
             t_small, cpu_small = pingpong(
                 peer, SMALL_BYTES, first=first, repeats=repeats, exchange=exchange
             )
             t_big, cpu_big = pingpong(peer, big, first=first, repeats=repeats, exchange=exchange)
-    else:
-        t_small, cpu_small = pingpong(peer, SMALL_BYTES, first=first, repeats=repeats)
-        t_big, cpu_big = pingpong(peer, big, first=first, repeats=repeats)
     both = torch.tensor([cpu_small, cpu_big], dtype=torch.float64)
     dist.all_reduce(both)
     o_small, o_big = (float(v) / dist.get_world_size() for v in both)
@@ -212,11 +233,11 @@ def _worker(
 
 
 def measure_link(
-    nbytes: int, *, repeats: int = 60, timeout: float = 120.0, transport: str = "shm"
+    nbytes: int, *, repeats: int = 60, timeout: float = 120.0, transport: str = "auto"
 ) -> Link:
-    """The :class:`Link` between two new processes on this machine for ``nbytes`` messages:
-    over shared memory (``shm``, what the runtime uses on one host) or gloo on loopback
-    (``process-group``)."""
+    """The :class:`Link` between two new processes on this machine for ``nbytes`` messages,
+    over the transport the runtime would use there (``auto``: shared memory where it can
+    run, else gloo on loopback), or the one named (``shm``, ``process-group``)."""
     if not isinstance(nbytes, int) or nbytes <= SMALL_BYTES:
         raise ConfigError(f"measure the link with messages of more than {SMALL_BYTES} bytes")
     ctx = mp.get_context("spawn")
