@@ -108,14 +108,18 @@ class VersionStore:
         return self.bytes_per_version * (1 + len(self._stash))
 
     # -- changing ----------------------------------------------------------
-    def stash_latest(self) -> None:
+    def stash_latest(self, moved_to: list[Tensor] | None = None) -> None:
         """Keep the latest version before an update overwrites it: its tensors become the
-        stash, and the parameters move to a copy (which the update then changes)."""
+        stash, and the parameters move to a copy (which the update then changes), or to
+        ``moved_to``, pool tensors an update has already written the next version into."""
         with torch.no_grad():
             kept = [own_counter(p.detach()) for p in self.params]
-            for p in self.params:
-                fresh = self.pool.take(p)
-                fresh.copy_(p.detach())
+            for i, p in enumerate(self.params):
+                if moved_to is None:
+                    fresh = self.pool.take(p)
+                    fresh.copy_(p.detach())
+                else:
+                    fresh = moved_to[i]
                 p.data = fresh
             self._stash[self.latest] = kept
         self.observe()

@@ -436,7 +436,8 @@ class StageRunner:
     def update(self, index: int, t: int) -> None:
         """``U{t}`` (action ``index``): one optimizer step with the accumulated gradient."""
         assert self.plan is not None
-        if index in self.plan.stash_at:
+        stash = index in self.plan.stash_at  # keep the version this update replaces
+        if stash and self.optimizer is None:
             self.store.stash_latest()
         grads = self._grads
         if self.combine_grads is not None and self.optimizer is not None:
@@ -451,7 +452,14 @@ class StageRunner:
                 factor *= lr_rule.factor(self.base_minibatch + t, tau)
                 for group, base in zip(self.optimizer.param_groups, self._base_lrs):
                     group["lr"] = base * factor
-            step_in_place(self.optimizer, self.params, grads, self.clip_norm, self.remedies)
+            step_in_place(
+                self.optimizer,
+                self.params,
+                grads,
+                self.clip_norm,
+                self.remedies,
+                self.store if stash else None,
+            )
         self._grads = [None] * len(self.params)
         self.store.advance()
         self.store.observe()

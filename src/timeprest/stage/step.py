@@ -11,12 +11,15 @@ of updating in place has its new values written back into that storage.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
+import torch.optim.optimizer as _optim
 from torch import Tensor, nn
 
 from timeprest.stage.remedies import StageRemedies
 from timeprest.stage.weights import Grads
+from timeprest.versions import BufferPool, VersionStore
 
 
 def step_in_place(
@@ -25,19 +28,98 @@ def step_in_place(
     grads: Grads,
     clip_norm: float | None,
     remedies: StageRemedies,
+    stash: VersionStore | None = None,
 ) -> None:
     """``optimizer.step()`` with ``grads`` (None: no gradient), the parameters left in
-    their storage, the gradients cleared after."""
+    their storage, the gradients cleared after.
+
+    With ``stash``, the version before the step is kept in ``stash`` first (the plan
+    stashes it here). A plain SGD then writes the new weights straight into pool tensors
+    and the parameters move there (:func:`sgd_into`: no copy of the old version, which
+    stays where it is); any other optimizer steps a copy in place.
+    """
     for p, g in zip(params, grads):
         p.grad = g
     if clip_norm is not None:
         torch.nn.utils.clip_grad_norm_(params, clip_norm)
     remedies.before_step(grads)  # [remedies] the step is measured
-    live: list[Tensor] = [p.detach() for p in params]
-    optimizer.step()
-    for p, before in zip(params, live):
-        if p.data_ptr() != before.data_ptr():
-            before.copy_(p.detach())
-            p.data = before
+    stepped = sgd_into(optimizer, params, stash.pool) if stash is not None else None
+    if stash is not None:
+        stash.stash_latest(stepped)
+    if stepped is None:
+        live: list[Tensor] = [p.detach() for p in params]
+        optimizer.step()
+        for p, before in zip(params, live):
+            if p.data_ptr() != before.data_ptr():
+                before.copy_(p.detach())
+                p.data = before
     optimizer.zero_grad(set_to_none=True)
     remedies.after_step(grads)
+
+
+def _plain_sgd_groups(
+    optimizer: torch.optim.Optimizer, params: Sequence[nn.Parameter]
+) -> list[dict[str, Any]] | None:
+    """Each parameter's group when ``optimizer`` is torch's own SGD, stepped as it is
+    written (no hooks, no wrapper of its ``step``, float learning rates, dense CPU
+    gradients, neither differentiable nor fused); else None."""
+    if type(optimizer) is not torch.optim.SGD or "step" in vars(optimizer):
+        return None
+    if optimizer._optimizer_step_pre_hooks or optimizer._optimizer_step_post_hooks:
+        return None
+    if _optim._global_optimizer_pre_hooks or _optim._global_optimizer_post_hooks:
+        return None
+    by_param: dict[int, dict[str, Any]] = {}
+    for group in optimizer.param_groups:
+        if group.get("differentiable") or group.get("fused") or type(group["lr"]) is not float:
+            return None
+        for p in group["params"]:
+            by_param[id(p)] = group
+    for p in params:
+        if id(p) not in by_param or p.device.type != "cpu":
+            return None
+        if p.grad is not None and (p.grad.is_sparse or p.grad.device != p.device):
+            return None
+    return [by_param[id(p)] for p in params]
+
+
+def sgd_into(
+    optimizer: torch.optim.Optimizer, params: Sequence[nn.Parameter], pool: BufferPool
+) -> list[Tensor] | None:
+    """One step of torch's SGD with each new weight written into a pool tensor (the
+    parameters and their storage untouched); None when the optimizer is not plain SGD.
+
+    The same arithmetic as ``torch.optim.SGD.step`` on a CPU, operation for operation
+    (maximize, weight decay, the momentum buffer in the optimizer's state, dampening,
+    Nesterov), except that the last ``param.add_(d_p, alpha=-lr)`` writes its sum into
+    another tensor: the same numbers, with the old weights left where they are. A
+    parameter without a gradient is copied (SGD leaves it as it is).
+    """
+    groups = _plain_sgd_groups(optimizer, params)
+    if groups is None:
+        return None
+    out: list[Tensor] = []
+    with torch.no_grad():
+        for p, group in zip(params, groups):
+            w = p.detach()
+            fresh = pool.take(w)
+            if p.grad is None:
+                fresh.copy_(w)
+                out.append(fresh)
+                continue
+            d_p = p.grad if not group["maximize"] else -p.grad
+            if group["weight_decay"] != 0:
+                d_p = d_p.add(w, alpha=group["weight_decay"])
+            momentum = group["momentum"]
+            if momentum != 0:
+                state = optimizer.state[p]
+                buf = state.get("momentum_buffer")
+                if buf is None:
+                    buf = d_p.detach().clone()
+                else:
+                    buf.mul_(momentum).add_(d_p, alpha=1 - group["dampening"])
+                state["momentum_buffer"] = buf
+                d_p = d_p.add(buf, alpha=momentum) if group["nesterov"] else buf
+            torch.add(w, d_p, alpha=-group["lr"], out=fresh)
+            out.append(fresh)
+    return out

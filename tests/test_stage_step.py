@@ -1,0 +1,111 @@
+"""stage/step.py: the out-of-place SGD step of a stashing update is torch's SGD, bit for bit."""
+
+from __future__ import annotations
+
+import copy
+import itertools
+
+import pytest
+import torch
+from torch import nn
+
+import timeprest
+from timeprest.stage import step as step_module
+from timeprest.stage.step import sgd_into
+from timeprest.versions import BufferPool
+
+SETTINGS = [
+    dict(momentum=m, dampening=d, nesterov=n, weight_decay=wd, maximize=mx)
+    for m, d, n, wd, mx in itertools.product(
+        (0.0, 0.9), (0.0, 0.3), (False, True), (0.0, 0.01), (False, True)
+    )  # fmt: skip
+    if not (n and (m == 0 or d != 0))  # torch: Nesterov needs momentum and no dampening
+]
+
+
+def params(seed: int = 0) -> list[nn.Parameter]:
+    g = torch.Generator().manual_seed(seed)
+    return [nn.Parameter(torch.randn(5, 3, generator=g)) for _ in range(3)]
+
+
+@pytest.mark.parametrize("settings", SETTINGS, ids=str)
+def test_sgd_into_is_torchs_step(settings) -> None:
+    ours, theirs = params(), params()
+    opt_ours = torch.optim.SGD(ours, lr=0.1, **settings)
+    opt_theirs = torch.optim.SGD(theirs, lr=0.1, **settings)
+    pool = BufferPool()
+    g = torch.Generator().manual_seed(1)
+    for step in range(4):
+        grads = [torch.randn(5, 3, generator=g) for _ in range(3)]
+        grads[2] = None if step == 1 else grads[2]  # a parameter without a gradient
+        for a, b, gr in zip(ours, theirs, grads):
+            a.grad = gr
+            b.grad = None if gr is None else gr.clone()
+        old = [p.detach().clone() for p in ours]
+        fresh = sgd_into(opt_ours, ours, pool)
+        assert fresh is not None
+        assert all(torch.equal(p, o) for p, o in zip(ours, old))  # untouched
+        for p, f in zip(ours, fresh):
+            p.data = f
+        opt_theirs.step()
+        for a, b in zip(ours, theirs):
+            assert torch.equal(a, b), (step, settings)
+        for a, b in zip(ours, theirs):
+            bufs = (
+                opt_ours.state[a].get("momentum_buffer"),
+                opt_theirs.state[b].get("momentum_buffer"),
+            )
+            assert (bufs[0] is None) == (bufs[1] is None)
+            if bufs[0] is not None:
+                assert torch.equal(bufs[0], bufs[1])
+
+
+def test_only_plain_sgd_is_stepped_out_of_place() -> None:
+    pool = BufferPool()
+    ps = params()
+    for p in ps:
+        p.grad = torch.ones_like(p)
+    assert sgd_into(torch.optim.Adam(ps), ps, pool) is None
+    hooked = torch.optim.SGD(ps, lr=0.1)
+    hooked.register_step_post_hook(lambda *a: None)
+    assert sgd_into(hooked, ps, pool) is None
+    wrapped = torch.optim.SGD(ps, lr=0.1)
+    wrapped.step = wrapped.step  # an instance's own step (an LR scheduler's wrapper, say)
+    assert sgd_into(wrapped, ps, pool) is None
+    assert sgd_into(torch.optim.SGD(ps, lr=torch.tensor(0.1)), ps, pool) is None
+    assert sgd_into(torch.optim.SGD(ps, lr=0.1), ps, pool) is not None
+
+
+@pytest.mark.parametrize("method", ["pipedream", "i-timeprest", "pipedream-2bw"])
+def test_stashing_updates_train_the_same_with_and_without_the_copy(monkeypatch, method) -> None:
+    torch.manual_seed(0)
+    stages = [nn.Sequential(nn.Linear(6, 6), nn.Tanh()) for _ in range(3)]
+    g = torch.Generator().manual_seed(3)
+    batches = [(torch.randn(6, 6, generator=g), torch.randn(6, 6, generator=g)) for _ in range(7)]
+
+    def run() -> tuple[list[float], list[torch.Tensor]]:
+        pipe = timeprest.Pipeline(
+            copy.deepcopy(stages),
+            method=method,
+            num_microbatches=3,
+            optimizer=lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9, weight_decay=1e-3),
+            loss_fn=nn.functional.mse_loss,
+        )
+        losses = pipe.train(batches)
+        return losses, [p.detach().clone() for r in pipe.runners for p in r.params]
+
+    calls = []
+    real = step_module.sgd_into
+
+    def counted(*args):
+        out = real(*args)
+        calls.append(out is not None)
+        return out
+
+    monkeypatch.setattr(step_module, "sgd_into", counted)
+    got = run()
+    assert calls and all(calls)  # every stashing update took the out-of-place step
+    monkeypatch.setattr(step_module, "sgd_into", lambda *args: None)  # copy, then step
+    want = run()
+    assert got[0] == want[0]
+    assert all(torch.equal(a, b) for a, b in zip(got[1], want[1]))
