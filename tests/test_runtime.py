@@ -239,7 +239,7 @@ def _record(tmp: str, rank: int, name: str, fn, reraise: bool = False) -> None:
 def _failure_worker(rank: int, world: int, tmp: str, transport: str) -> None:
     """Three failures in a row, each in a fresh process group: a non-finite loss, a
     shape change and, last, a rank killed outright."""
-    opts = RuntimeOptions(timeout=5, transport=transport)  # type: ignore[arg-type]
+    opts = RuntimeOptions(timeout=5, transport=transport)
 
     def pipe(stage_fn, method: str) -> timeprest.Pipeline:
         return timeprest.Pipeline(
