@@ -36,14 +36,17 @@ def step_in_place(
     With ``stash``, the version before the step is kept in ``stash`` first (the plan
     stashes it here). A plain SGD then writes the new weights straight into pool tensors
     and the parameters move there (:func:`sgd_into`: no copy of the old version, which
-    stays where it is); any other optimizer steps a copy in place.
+    stays where it is); any other optimizer steps a copy in place. Without ``stash`` a
+    plain SGD is stepped in place by :func:`sgd_into` too (its arithmetic without the
+    wrapper around ``Optimizer.step``, which costs as much as the step itself on small
+    weights); any other optimizer by its own ``step``.
     """
     for p, g in zip(params, grads):
         p.grad = g
     if clip_norm is not None:
         torch.nn.utils.clip_grad_norm_(params, clip_norm)
     remedies.before_step(grads)  # [remedies] the step is measured
-    stepped = sgd_into(optimizer, params, stash.pool) if stash is not None else None
+    stepped = sgd_into(optimizer, params, stash.pool if stash is not None else None)
     if stash is not None:
         stash.stash_latest(stepped)
     if stepped is None:
@@ -84,16 +87,17 @@ def _plain_sgd_groups(
 
 
 def sgd_into(
-    optimizer: torch.optim.Optimizer, params: Sequence[nn.Parameter], pool: BufferPool
+    optimizer: torch.optim.Optimizer, params: Sequence[nn.Parameter], pool: BufferPool | None
 ) -> list[Tensor] | None:
-    """One step of torch's SGD with each new weight written into a pool tensor (the
-    parameters and their storage untouched); None when the optimizer is not plain SGD.
+    """One step of torch's SGD; None (and nothing done) when the optimizer is not plain SGD.
 
     The same arithmetic as ``torch.optim.SGD.step`` on a CPU, operation for operation
     (maximize, weight decay, the momentum buffer in the optimizer's state, dampening,
-    Nesterov), except that the last ``param.add_(d_p, alpha=-lr)`` writes its sum into
-    another tensor: the same numbers, with the old weights left where they are. A
-    parameter without a gradient is copied (SGD leaves it as it is).
+    Nesterov, then ``param.add_(d_p, alpha=-lr)``). With ``pool`` that last sum is
+    written into a pool tensor instead, for each parameter, and those tensors are
+    returned: the same numbers, with the parameters and their storage untouched (a
+    parameter without a gradient is copied: SGD leaves it as it is). Without ``pool``
+    the parameters are updated in place, as torch's step does, and [] is returned.
     """
     groups = _plain_sgd_groups(optimizer, params)
     if groups is None:
@@ -102,10 +106,11 @@ def sgd_into(
     with torch.no_grad():
         for p, group in zip(params, groups):
             w = p.detach()
-            fresh = pool.take(w)
+            fresh = pool.take(w) if pool is not None else w
             if p.grad is None:
-                fresh.copy_(w)
-                out.append(fresh)
+                if pool is not None:
+                    fresh.copy_(w)
+                    out.append(fresh)
                 continue
             d_p = p.grad if not group["maximize"] else -p.grad
             if group["weight_decay"] != 0:
@@ -120,6 +125,9 @@ def sgd_into(
                     buf.mul_(momentum).add_(d_p, alpha=1 - group["dampening"])
                 state["momentum_buffer"] = buf
                 d_p = d_p.add(buf, alpha=momentum) if group["nesterov"] else buf
-            torch.add(w, d_p, alpha=-group["lr"], out=fresh)
-            out.append(fresh)
+            if pool is None:
+                w.add_(d_p, alpha=-group["lr"])
+            else:
+                torch.add(w, d_p, alpha=-group["lr"], out=fresh)
+                out.append(fresh)
     return out
