@@ -41,10 +41,13 @@ def describe(kind: Kind, key: Key, backward_unit: str) -> str:
     return f"the gradient of {action} (micro-batch {t}.{j})"
 
 
-def check_order(seq: list[Key], sent: int, key: Key, stage: int, what: str) -> None:
-    """A send must be the next of its channel in the message plan."""
-    if sent >= len(seq) or seq[sent] != key:
-        raise ScheduleError(f"internal: stage {stage} sends {what} out of order")
+def check_order(
+    seq: list[Key], done: int, key: Key, stage: int, what: str, verb: str = "sends"
+) -> None:
+    """A send (a receive: ``verb="asked for"``) must be the next of its channel in the
+    message plan, ``seq`` in order, ``done`` of them made already."""
+    if done >= len(seq) or seq[done] != key:
+        raise ScheduleError(f"internal: stage {stage} {verb} {what} out of order")
 
 
 def agree_shape(
@@ -226,8 +229,7 @@ class P2PTransport:
     def _recv(self, kind: Kind, key: Key) -> Tensor:
         ch = self.channels[kind]
         what = self.describe(kind, key)
-        if ch.consumed >= len(ch.keys) or ch.keys[ch.consumed] != key:
-            raise ScheduleError(f"internal: stage {self.stage} asked for {what} out of order")
+        check_order(ch.keys, ch.consumed, key, self.stage, what, "asked for")
         while key not in ch.posted:
             if ch.header_pending or not self._post_one(ch):
                 raise ScheduleError(f"internal: stage {self.stage} cannot post {what}")

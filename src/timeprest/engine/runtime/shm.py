@@ -65,7 +65,7 @@ from timeprest.engine.runtime.layout import Layout
 from timeprest.engine.runtime.messages import plan_messages
 from timeprest.engine.runtime.p2p import P2PTransport, agree_shape, check_order, describe
 from timeprest.engine.runtime.shm_links import ShmLinks, Slot, proc_state, read_text
-from timeprest.engine.runtime.wire import Spec, check_sendable
+from timeprest.engine.runtime.wire import Spec
 from timeprest.errors import ConfigError, ScheduleError, TimeprestError
 from timeprest.schedule.lower import Kind, Lowered, Op
 
@@ -229,8 +229,7 @@ class ShmTransport:
         kind, key = op.message.kind, op.message.key
         ch = self.channels[kind]
         what = self.describe(kind, key)
-        if ch.consumed >= len(ch.keys) or ch.keys[ch.consumed] != key:
-            raise ScheduleError(f"internal: stage {self.stage} asked for {what} out of order")
+        check_order(ch.keys, ch.consumed, key, self.stage, what, "asked for")
         try:
             x, spec = self.links.take(ch.peer, key, what, self.timeout)
         except (TimeprestError, CommError):
@@ -253,7 +252,7 @@ class ShmTransport:
         x = tensor.detach().contiguous()
         rows = self.rows[key[0]][key[1]]
         try:
-            check_sendable(x, self.stage, key)
+            # checks the dtype and dims too: a new size's are encoded, later ones must match
             agree_shape(self.shapes_in, self.shapes_out, kind, key, rows, x, self.stage, what)
             slot = self.links.post(peer, kind, key, x, f"sending {what}", self.timeout)
             self.in_flight[(kind, key)] = slot
