@@ -29,13 +29,14 @@ import statistics
 import tempfile
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from typing import Any, NamedTuple
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from timeprest.engine.runtime.group import TRANSPORTS
 from timeprest.errors import ConfigError
 
 Exchange = tuple[Callable[[Tensor, int], None], Callable[[Tensor, int], None]]
@@ -189,18 +190,20 @@ def link_between(
     sender's overhead, the flight and the receiver's overhead, so latency
     and bandwidth are fitted to the one-way times less twice the overhead.
     """
-    if transport not in ("process-group", "shm", "auto"):
+    if transport not in TRANSPORTS:
         raise ConfigError(f"unknown transport {transport!r}: expected auto, shm or process-group")
     big = max(nbytes, SMALL_BYTES + 1)
-    if transport == "process-group":
-        t_small, cpu_small = pingpong(peer, SMALL_BYTES, first=first, repeats=repeats)
-        t_big, cpu_big = pingpong(peer, big, first=first, repeats=repeats)
-    else:
-        with shared_memory_exchange(peer, transport) as exchange:
-            t_small, cpu_small = pingpong(
-                peer, SMALL_BYTES, first=first, repeats=repeats, exchange=exchange
-            )
-            t_big, cpu_big = pingpong(peer, big, first=first, repeats=repeats, exchange=exchange)
+    # no exchange (None): the default group's send/recv, also where "auto" finds no shm
+    channels = (
+        nullcontext(None)
+        if transport == "process-group"
+        else shared_memory_exchange(peer, transport)
+    )
+    with channels as exchange:
+        t_small, cpu_small = pingpong(
+            peer, SMALL_BYTES, first=first, repeats=repeats, exchange=exchange
+        )
+        t_big, cpu_big = pingpong(peer, big, first=first, repeats=repeats, exchange=exchange)
     both = torch.tensor([cpu_small, cpu_big], dtype=torch.float64)
     dist.all_reduce(both)
     o_small, o_big = (float(v) / dist.get_world_size() for v in both)

@@ -23,6 +23,7 @@ import torch.distributed as dist
 from timeprest.errors import ConfigError
 
 SHUT_DOWN = "shut down"
+TRANSPORTS = ("auto", "shm", "process-group")  # RuntimeOptions.transport
 
 
 @dataclass(frozen=True)
@@ -63,7 +64,7 @@ class RuntimeOptions:
             raise ConfigError(f"lookahead must be an integer >= 1 or None, got {self.lookahead!r}")
         if self.backend not in ("auto", "gloo", "nccl"):
             raise ConfigError(f"unknown backend {self.backend!r}: expected auto, gloo or nccl")
-        if self.transport not in ("auto", "shm", "process-group"):
+        if self.transport not in TRANSPORTS:
             raise ConfigError(
                 f"unknown transport {self.transport!r}: expected auto, shm or process-group"
             )
