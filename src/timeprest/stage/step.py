@@ -1,11 +1,14 @@
 """One optimizer step of a stage, on the gradients the runner accumulated.
 
-The step runs the user's optimizer unchanged; around it the stage gives each
-parameter its gradient, clips, lets the remedies measure the step
-(docs/design.md section 12), and keeps every update in place: forwards
-without weight tokens hold the live storage and read the update through it
-(docs/design.md section 5), so an optimizer that assigns ``p.data`` instead
-of updating in place has its new values written back into that storage.
+Around the step the stage gives each parameter its gradient, clips, and lets
+the remedies measure the step (docs/design.md section 12). The step itself is
+the user's optimizer, except for torch's plain SGD, whose arithmetic
+:func:`sgd_into` carries out directly (the same operations, so the same
+numbers): in place, or, at an update the plan stashes, into new tensors so
+that the old version needs no copy. Every other update stays in place:
+forwards without weight tokens hold the live storage and read the update
+through it (docs/design.md section 5), so an optimizer that assigns
+``p.data`` instead has its new values written back into that storage.
 """
 
 from __future__ import annotations
