@@ -716,7 +716,9 @@ def grid(args: argparse.Namespace) -> None:
             a.rounds = args.grid_rounds
             a.bound_iters = _grid.clamp(0.25 / fb, 4, 25)
             per_profile = 2 * point.n * fb  # one mini-batch of both stages in one process
-            a.profile_warmup = 1 if per_profile > 0.05 else 2
+            # the warm-up covers the pipeline's fill (W mini-batches): i-timeprest's first
+            # blended backwards at 2048/256/2 took 3-6x the steady ones
+            a.profile_warmup = W
             a.profile_repeats = _grid.clamp(0.3 / per_profile, 3, 6)
             a.result = os.path.join(tmp, f"{i}.json")
             print(

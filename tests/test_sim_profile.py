@@ -165,3 +165,31 @@ def test_predicted_activation_peak_within_ten_percent(method, w):
         assert r.stages[s].peak_activation_bytes == pytest.approx(
             measured[s].peak_activation_bytes, rel=0.10
         ), s
+
+
+def test_engine_profile_keeps_the_mean_of_the_actions() -> None:
+    """A run pays for every action: one slow forward in four counts for a quarter of
+    its time (a median would not see it)."""
+    import time as _time
+
+    from timeprest.sim.profile import profile_stages
+
+    class SlowOnce(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = nn.Linear(8, 8)
+            self.calls = 0
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            self.calls += 1
+            if self.calls % 4 == 0:
+                _time.sleep(0.08)
+            return self.lin(x)
+
+    torch.manual_seed(0)
+    x = torch.randn(8, 8)
+    # the profiler deep-copies the stages: the copy counts its own calls (the sizing
+    # forward is one; warm-up 2 and 4 timed mini-batches of one micro-batch follow)
+    cm = profile_stages([SlowOnce(), nn.Linear(8, 8)], x, 1, warmup=2, repeats=4, method="gpipe")
+    assert cm.stages[0].forward_time > 0.015  # >= 0.08 once in the 4 timed forwards
+    assert cm.stages[1].forward_time < 0.015

@@ -2,7 +2,8 @@
 
 Each stage is timed on a deep copy (the caller's modules keep their weights,
 gradients and BatchNorm statistics), fed with the previous stage's output,
-``warmup`` times untimed and then ``repeats`` times; the median is kept.
+``warmup`` times untimed and then ``repeats`` times; the median is kept
+(the engine's times: the mean, see :func:`profile_stages`).
 Sizes are measured the way the emulator measures them: the saved-activation
 bytes are the unique storages autograd saves during the forward, weight
 tensors and buffers excluded (and, at the last stage, the loss included).
@@ -99,8 +100,10 @@ def profile_stages(
     stages with ``method`` on ``warmup + repeats`` mini-batches (all equal to
     ``sample_input``), timing every action through the same stage code the
     engines run (versioned weights, saved-tensor hooks, stashing, the
-    update); the medians over the last ``repeats`` mini-batches are kept
-    (a ``B`` action over several micro-batches counts per micro-batch).
+    update); the means over the last ``repeats`` mini-batches are kept (a
+    run pays for every action, the slow ones too; a ``B`` action over
+    several micro-batches counts per micro-batch). Give ``warmup`` at least
+    the number of stages: a schedule's first mini-batches fill the pipeline.
     ``method=None`` times the layers alone instead: a plain autograd forward
     and backward per stage, and an optimizer step with made-up gradients.
 
@@ -287,15 +290,19 @@ def _engine_times(
     for r in pipe.runners:
         assert r.action_times is not None
         timed = [(k, n, sec) for k, t, n, sec in r.action_times if t >= warmup]
+        # means, not medians: a run pays for every action, the slow ones too (a mini-batch's
+        # first forward cuts it into micro-batches; a backward over several micro-batches
+        # counts per micro-batch)
         f = [sec for k, _, sec in timed if k == "F"]
-        b = [sec / n for k, n, sec in timed if k == "B"]
+        b_seconds = sum(sec for k, _, sec in timed if k == "B")
+        b_count = sum(n for k, n, _ in timed if k == "B")
         u = [sec for k, _, sec in timed if k == "U"]
         r.action_times = None
         out.append(
             (
-                max(statistics.median(f), 1e-9),
-                max(statistics.median(b), 1e-9),
-                statistics.median(u) if u else 0.0,
+                max(statistics.fmean(f), 1e-9),
+                max(b_seconds / b_count, 1e-9),
+                statistics.fmean(u) if u else 0.0,
             )
         )
     return out
