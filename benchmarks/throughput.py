@@ -127,6 +127,13 @@ def parse() -> argparse.Namespace:
     )
     p.add_argument("--out", default="results/throughput-grid", help="grid: markdown and PNG here")
     p.add_argument("--transport", default="auto", choices=["auto", "shm", "process-group"])
+    p.add_argument(
+        "--spin",
+        type=float,
+        default=None,
+        help="our runtime's RuntimeOptions.spin in seconds (default: the runtime's choice; "
+        "the link measurement keeps the default)",
+    )
     p.add_argument("--result", default="", help=argparse.SUPPRESS)  # rank 0's summary (JSON)
     args = p.parse_args()
     # samples per measurement (bound) and mini-batches per profile: the grid sizes them
@@ -246,7 +253,9 @@ def steady_interval(stamps: list[float]) -> float:
 
 
 class Ours:
-    def __init__(self, method: str, module: nn.Module, n: int, rank: int, transport: Any) -> None:
+    def __init__(
+        self, method: str, module: nn.Module, n: int, rank: int, transport: Any, spin: Any
+    ) -> None:
         self.last = rank == W - 1
         self.stamps: list[float] = []
         self.pipe = timeprest.Pipeline(
@@ -256,7 +265,7 @@ class Ours:
             optimizer=sgd,
             loss_fn=nn.functional.mse_loss,
             engine="distributed",
-            runtime=RuntimeOptions(timeout=300, num_threads=None, transport=transport),
+            runtime=RuntimeOptions(timeout=300, num_threads=None, transport=transport, spin=spin),
         )
 
     def _stamp(self, minibatch: int, loss: float) -> None:
@@ -326,7 +335,7 @@ def worker(rank: int, args: argparse.Namespace, port: int) -> None:
     for name in methods:
         module = copy.deepcopy(base)
         if name in OURS:
-            runners[name] = Ours(name, module, n, rank, args.transport)
+            runners[name] = Ours(name, module, n, rank, args.transport, args.spin)
         else:
             runners[name] = Theirs(name, module, n, rank, m, width)
     data = {name: (small if name == "pipedream" else batches) for name in methods}

@@ -330,3 +330,39 @@ def test_a_sender_waiting_for_room_reads_its_own_records(loop: Any) -> None:
     assert len(loop.ins[0].inbox) >= 8  # read while waiting for room
     for i, x in enumerate(xs):
         assert torch.equal(loop.take(0, (i, 0), "m", 5.0)[0], x)
+
+
+def test_spin_is_checked_and_defaults_to_cores_of_their_own(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from timeprest.engine.runtime import shm
+
+    for bad in (-1.0, float("inf"), "2ms"):
+        with pytest.raises(ConfigError, match="spin must be seconds >= 0 or None"):
+            RuntimeOptions(spin=bad)  # type: ignore[arg-type]
+    assert shm.spin_seconds(0.25, 64) == 0.25  # asked: as asked, however crowded
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3}, raising=False)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    assert shm.spin_seconds(None, 2) == shm.SPIN  # 2 ranks x 2 threads on 4 cores
+    assert shm.spin_seconds(None, 3) == 0.0  # 6 threads on 4 cores: no spinning
+
+
+def test_a_receive_spins_before_it_sleeps(loop: Any) -> None:
+    import threading
+
+    def receive_late(spin: float, key: tuple[int, int]) -> float:
+        """CPU seconds of this thread in a receive whose message is sent 0.1 s late."""
+        loop.spin = spin
+        sender = threading.Timer(0.1, lambda: loop.post(0, "act", key, torch.ones(3)))
+        sender.start()
+        cpu = time.thread_time()
+        got, _ = loop.take(0, key, "m", 5.0)
+        cpu = time.thread_time() - cpu
+        sender.join()
+        assert torch.equal(got, torch.ones(3))
+        for slot in loop.outs[0].slots:
+            slot.busy = False
+        return cpu
+
+    assert receive_late(0.0, (1, 0)) < 0.03  # asleep in poll until the message
+    assert receive_late(5.0, (2, 0)) > 0.05  # reading the FIFO all along

@@ -104,7 +104,7 @@ class DistributedRuntime:
         # the stage-to-stage transport, chosen and set up once per pipeline (RuntimeOptions)
         self._links: ShmLinks | None = open_links(
             self.options.transport, self.info.backend, self.layout, self.instance,
-            self._all_gather, self.agreed,
+            self._all_gather, self.agreed, self.options.spin,
         )  # fmt: skip
         self.transport = "process-group" if self._links is None else "shm"
         # gloo: one group per direction of the stage-to-stage traffic (see P2PTransport)

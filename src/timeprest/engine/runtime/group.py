@@ -11,6 +11,7 @@ from __future__ import annotations
 import atexit
 import datetime
 import gc
+import math
 import os
 import time
 import weakref
@@ -48,6 +49,12 @@ class RuntimeOptions:
     point-to-point messages of the default group (gloo or NCCL). ``auto`` picks ``shm``
     when it can (gloo, one host, a writable shared-memory directory). Every rank must ask
     for the same."""
+    spin: float | None = None
+    """Seconds a shared-memory receive keeps reading its FIFO before it sleeps: waking a
+    sleeping process costs its sender a wake-up (tens of microseconds on a virtual
+    machine) and the receiver as long again. None: 2 ms where every rank has cores of its
+    own (ranks on the host x intra-op threads <= the cores this process may use), else 0
+    (a spinning rank would take a core from a computing one)."""
 
     def __post_init__(self) -> None:
         if not (isinstance(self.timeout, (int, float)) and self.timeout > 0):
@@ -64,6 +71,10 @@ class RuntimeOptions:
             raise ConfigError(f"lookahead must be an integer >= 1 or None, got {self.lookahead!r}")
         if self.backend not in ("auto", "gloo", "nccl"):
             raise ConfigError(f"unknown backend {self.backend!r}: expected auto, gloo or nccl")
+        if self.spin is not None and not (
+            isinstance(self.spin, (int, float)) and 0 <= self.spin < math.inf
+        ):
+            raise ConfigError(f"spin must be seconds >= 0 or None, got {self.spin!r}")
         if self.transport not in TRANSPORTS:
             raise ConfigError(
                 f"unknown transport {self.transport!r}: expected auto, shm or process-group"

@@ -134,9 +134,17 @@ class _Files:
 class ShmLinks:
     """This rank's shared-memory channels to its pipeline neighbours, for a pipeline's life."""
 
-    def __init__(self, directory: str, rank: int, peers: Sequence[int], got: list[dict[str, Any]]):
+    def __init__(
+        self,
+        directory: str,
+        rank: int,
+        peers: Sequence[int],
+        got: list[dict[str, Any]],
+        spin: float = 0.0,
+    ):
         self.directory = directory
         self.rank = rank
+        self.spin = spin  # seconds a receive reads its FIFO before it sleeps in poll
         self.outs = {p: _Out(p) for p in peers}
         self.ins = {p: _In(p, got[p]["pid"], got[p]["start"]) for p in peers}
         self.by_fd: dict[int, _In] = {}
@@ -293,6 +301,9 @@ class ShmLinks:
         inn = self.ins[peer]
         now = time.monotonic()
         deadline, check = now + timeout, now + _POLL
+        # spin first: a process asleep in poll costs its waker a wake-up (tens of
+        # microseconds on a virtual machine), and itself as long to run again
+        awake = now + self.spin
         while (rec := inn.inbox.pop(key, None)) is None:
             if self.closed_by is not None:
                 cause = ConnectionError(f"rank {self.closed_by} closed its channels (it stopped)")
@@ -305,7 +316,10 @@ class ShmLinks:
                 check = now + _POLL
             if now >= deadline:
                 raise CommError(peer, what, TimeoutError(f"no message in {timeout:g} s"))
-            self._wait(min(check, deadline) - now)
+            if now < awake:
+                self._read(inn)
+            else:
+                self._wait(min(check, deadline) - now)
         _, slot, capacity, nbytes, _, _, code, ndim, *dims = rec
         spec: Spec = (tuple(dims[:ndim]), DTYPES[code])
         view = inn.views.get(slot)
