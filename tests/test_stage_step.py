@@ -77,6 +77,9 @@ def test_only_plain_sgd_is_stepped_out_of_place() -> None:
     wrapped = torch.optim.SGD(ps, lr=0.1)
     wrapped.step = wrapped.step  # an instance's own step (an LR scheduler's wrapper, say)
     assert sgd_into(wrapped, ps, pool) is None
+    cleared = torch.optim.SGD(ps, lr=0.1)
+    cleared.zero_grad = cleared.zero_grad  # its own zero_grad: stepped by torch, cleared by it
+    assert sgd_into(cleared, ps, pool) is None
     assert sgd_into(torch.optim.SGD(ps, lr=torch.tensor(0.1)), ps, pool) is None
     assert sgd_into(torch.optim.SGD(ps, lr=0.1), ps, pool) is not None
 
@@ -116,3 +119,22 @@ def test_sgd_steps_train_the_same_as_torchs(monkeypatch, method) -> None:
     want = run()
     assert got[0] == want[0]
     assert all(torch.equal(a, b) for a, b in zip(got[1], want[1]))
+
+
+def test_a_plain_sgd_step_clears_every_gradient_of_the_optimizer() -> None:
+    """Without torch's zero_grad the step clears what zero_grad(set_to_none=True) would:
+    the gradients of every parameter the optimizer holds, not only the stage's."""
+    from timeprest.policy.methods import get_method
+    from timeprest.stage.remedies import StageRemedies
+    from timeprest.stage.step import step_in_place
+
+    ps, other = params(), nn.Parameter(torch.ones(2))
+    opt = torch.optim.SGD([*ps, other], lr=0.1)
+    other.grad = torch.ones(2)
+    before = [p.detach().clone() for p in ps]
+    grads: list[torch.Tensor | None] = [torch.ones_like(p) for p in ps]
+    remedies = StageRemedies(get_method("gpipe").policy, ps, opt)
+    step_in_place(opt, ps, grads, None, remedies)
+    assert all(p.grad is None for p in [*ps, other])
+    for p, b in zip(ps, before):
+        assert torch.equal(p.detach(), b - 0.1)

@@ -59,7 +59,12 @@ def step_in_place(
             if p.data_ptr() != before.data_ptr():
                 before.copy_(p.detach())
                 p.data = before
-    optimizer.zero_grad(set_to_none=True)
+    if stepped is None:
+        optimizer.zero_grad(set_to_none=True)
+    else:  # what zero_grad(set_to_none=True) does, without its wrappers (~50 us a call)
+        for group in optimizer.param_groups:
+            for p in group["params"]:
+                p.grad = None
     remedies.after_step(grads)
 
 
@@ -67,9 +72,9 @@ def _plain_sgd_groups(
     optimizer: torch.optim.Optimizer, params: Sequence[nn.Parameter]
 ) -> list[dict[str, Any]] | None:
     """Each parameter's group when ``optimizer`` is torch's own SGD, stepped as it is
-    written (no hooks, no wrapper of its ``step``, float learning rates, dense CPU
+    written (no hooks, no wrapper of its ``step`` or ``zero_grad``, float learning rates, dense CPU
     gradients, neither differentiable nor fused); else None."""
-    if type(optimizer) is not torch.optim.SGD or "step" in vars(optimizer):
+    if type(optimizer) is not torch.optim.SGD or {"step", "zero_grad"} & vars(optimizer).keys():
         return None
     if optimizer._optimizer_step_pre_hooks or optimizer._optimizer_step_post_hooks:
         return None
