@@ -438,6 +438,8 @@ def worker(rank: int, args: argparse.Namespace, port: int) -> None:
             nn_ = 1 if name == "pipedream" else n
             ratios = [nn_ * m / b / st for b, st in zip(bounds[name], steady[name])]
             works.setdefault(name, {})["steady_of_bound"] = statistics.median(ratios)
+            own_ratios = [nn_ * m / b / st for b, st in zip(own_bounds[name], steady[name])]
+            works[name]["steady_of_own"] = statistics.median(own_ratios)
         if args.result:
             for name, row in summary["methods"].items():
                 row.update(sims.get(name, {}), **works.get(name, {}))
@@ -752,7 +754,7 @@ def grid_summary(args: argparse.Namespace, results: list[dict[str, Any]]) -> Non
     methods = [s for s in args.methods.split(",") if s]
     header = ["width", "rows", "N", "bubble", "F+B ms", "F+B alone ms", "method"]
     header += ["/ Schedule1F1B", "/ ScheduleGPipe", "/ bound", "/ bound alone", "steady / bound"]
-    header += ["/ own bound", "work / F+B+U", "work / own", "sim / steady"]
+    header += ["/ own bound", "steady / own", "work / F+B+U", "work / own", "sim / steady"]
     rows = []
     for p in results:
         fb = max(s["F"] + s["B"] for s in p["stages"]) * 1e3
@@ -766,7 +768,8 @@ def grid_summary(args: argparse.Namespace, results: list[dict[str, Any]]) -> Non
                 [str(p["width"]), str(p["rows"]), str(p["n"]), fmt(bubble), fmt(fb, 1)]
                 + [fmt(fb_alone, 1), name, fmt(r["vs_1f1b"]), fmt(r["vs_gpipe"])]
                 + [fmt(r["of_bound"]), fmt(r["of_alone"]), fmt(r.get("steady_of_bound"))]
-                + [fmt(r.get("of_own_bound")), fmt(r.get("work_of_fbu"))]
+                + [fmt(r.get("of_own_bound")), fmt(r.get("steady_of_own"))]
+                + [fmt(r.get("work_of_fbu"))]
                 + [fmt(r.get("work_of_own")), fmt(r.get("pred_steady"))]
             )
     print("\n== throughput grid: summary ==")
@@ -779,7 +782,8 @@ def grid_summary(args: argparse.Namespace, results: list[dict[str, Any]]) -> Non
         "measured interval between losses in the run's middle half (no fill or drain); "
         "/ own bound: against rows / max_s of the method's own arithmetic (F, backwards "
         "adding to the gradients from a mini-batch's second micro-batch on, 1/N of the "
-        "update; pipedream: all of it), measured the same way; work / F+B+U: the larger "
+        "update; pipedream: all of it), measured the same way; steady / own: the steady "
+        "interval against it; work / F+B+U: the larger "
         "stage's work per micro-batch in the run over its concurrent F + B + U x updates "
         "per micro-batch; work / own: over that own arithmetic; sim / steady: the simulator's time per mini-batch "
         "over the measured steady one; bubble: Schedule1F1B's (W-1)/(N+W-1)"
