@@ -167,29 +167,31 @@ def test_predicted_activation_peak_within_ten_percent(method, w):
         ), s
 
 
-def test_engine_profile_keeps_the_mean_of_the_actions() -> None:
-    """A run pays for every action: one slow forward in four counts for a quarter of
-    its time (a median would not see it)."""
+def test_engine_profile_counts_what_every_minibatch_pays_not_a_one_off() -> None:
+    """A run pays for every action: a slow forward in each mini-batch counts for its share
+    of the mini-batch (a median over actions would not see it); one stall in one
+    mini-batch is left out (a mean over all actions would spread it over the profile)."""
     import time as _time
 
-    from timeprest.sim.profile import profile_stages
-
-    class SlowOnce(nn.Module):
-        def __init__(self) -> None:
+    class Sleepy(nn.Module):
+        def __init__(self, every: int | None, once: int | None, seconds: float) -> None:
             super().__init__()
             self.lin = nn.Linear(8, 8)
-            self.calls = 0
+            self.calls, self.every, self.once, self.seconds = 0, every, once, seconds
 
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             self.calls += 1
-            if self.calls % 4 == 0:
-                _time.sleep(0.08)
+            if (self.every and self.calls % self.every == 0) or self.calls == self.once:
+                _time.sleep(self.seconds)
             return self.lin(x)
+
+    from timeprest.sim.profile import profile_stages
 
     torch.manual_seed(0)
     x = torch.randn(8, 8)
-    # the profiler deep-copies the stages: the copy counts its own calls (the sizing
-    # forward is one; warm-up 2 and 4 timed mini-batches of one micro-batch follow)
-    cm = profile_stages([SlowOnce(), nn.Linear(8, 8)], x, 1, warmup=2, repeats=4, method="gpipe")
-    assert cm.stages[0].forward_time > 0.015  # >= 0.08 once in the 4 timed forwards
-    assert cm.stages[1].forward_time < 0.015
+    # 4 micro-batches per mini-batch: stage 0 sleeps in one forward of each, stage 1 in
+    # the first timed forward only (the engine's copies count from 0; 2 mini-batches warm up)
+    stages = [Sleepy(4, None, 0.04), Sleepy(None, 9, 0.2)]
+    cm = profile_stages(stages, x, 4, warmup=2, repeats=4, method="gpipe")
+    assert cm.stages[0].forward_time > 0.007  # 0.04 s over 4 forwards per mini-batch
+    assert cm.stages[1].forward_time < 0.005  # 0.2 s once, in one mini-batch of four

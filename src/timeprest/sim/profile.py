@@ -3,7 +3,7 @@
 Each stage is timed on a deep copy (the caller's modules keep their weights,
 gradients and BatchNorm statistics), fed with the previous stage's output,
 ``warmup`` times untimed and then ``repeats`` times; the median is kept
-(the engine's times: the mean, see :func:`profile_stages`).
+(the engine's times: per mini-batch means, see :func:`profile_stages`).
 Sizes are measured the way the emulator measures them: the saved-activation
 bytes are the unique storages autograd saves during the forward, weight
 tensors and buffers excluded (and, at the last stage, the loss included).
@@ -100,8 +100,9 @@ def profile_stages(
     stages with ``method`` on ``warmup + repeats`` mini-batches (all equal to
     ``sample_input``), timing every action through the same stage code the
     engines run (versioned weights, saved-tensor hooks, stashing, the
-    update); the means over the last ``repeats`` mini-batches are kept (a
-    run pays for every action, the slow ones too; a ``B`` action over
+    update); each action's mean time per timed mini-batch, and the median of
+    those over the last ``repeats`` mini-batches, are kept (a cost every
+    mini-batch pays counts, a one-off stall does not; a ``B`` action over
     several micro-batches counts per micro-batch). Give ``warmup`` at least
     the number of stages: a schedule's first mini-batches fill the pipeline.
     ``method=None`` times the layers alone instead: a plain autograd forward
@@ -289,23 +290,27 @@ def _engine_times(
     out: list[tuple[float, float, float]] = []
     for r in pipe.runners:
         assert r.action_times is not None
-        timed = [(k, n, sec) for k, t, n, sec in r.action_times if t >= warmup]
-        # means, not medians: a run pays for every action, the slow ones too (a mini-batch's
-        # first forward cuts it into micro-batches; a backward over several micro-batches
-        # counts per micro-batch)
-        f = [sec for k, _, sec in timed if k == "F"]
-        b_seconds = sum(sec for k, _, sec in timed if k == "B")
-        b_count = sum(n for k, n, _ in timed if k == "B")
-        u = [sec for k, _, sec in timed if k == "U"]
+        # per timed mini-batch, the mean time of its actions (a backward over several
+        # micro-batches counts per micro-batch), then the median over mini-batches: a cost
+        # every mini-batch pays (its first forward cuts it into micro-batches) counts, a
+        # one-off stall (the allocator growing the heap) does not
+        per: dict[int, dict[str, list[float]]] = {}
+        for kind, t, count, sec in r.action_times:
+            if t >= warmup:
+                sums = per.setdefault(t, {}).setdefault(kind, [0.0, 0.0])
+                sums[0] += sec
+                sums[1] += count
         r.action_times = None
-        out.append(
-            (
-                max(statistics.fmean(f), 1e-9),
-                max(b_seconds / b_count, 1e-9),
-                statistics.fmean(u) if u else 0.0,
-            )
-        )
+
+        f, b, u = (_median_of_means(per, kind) for kind in "FBU")
+        out.append((max(f, 1e-9), max(b, 1e-9), u))
     return out
+
+
+def _median_of_means(per: dict[int, dict[str, list[float]]], kind: str) -> float:
+    """The median over mini-batches of ``kind``'s seconds per action (per micro-batch)."""
+    means = [m[kind][0] / m[kind][1] for m in per.values() if kind in m]
+    return statistics.median(means) if means else 0.0
 
 
 def _plain_times(
