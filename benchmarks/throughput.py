@@ -136,6 +136,8 @@ def parse() -> argparse.Namespace:
     )
     p.add_argument("--result", default="", help=argparse.SUPPRESS)  # rank 0's summary (JSON)
     args = p.parse_args()
+    if args.spin is not None and not 0 <= args.spin < float("inf"):
+        p.error(f"--spin must be seconds >= 0, got {args.spin}")
     # samples per measurement (bound) and mini-batches per profile: the grid sizes them
     args.bound_iters, args.profile_warmup, args.profile_repeats = 25, 2, 6
     if args.minibatches <= 0:

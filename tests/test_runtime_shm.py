@@ -333,36 +333,80 @@ def test_a_sender_waiting_for_room_reads_its_own_records(loop: Any) -> None:
 
 
 def test_spin_is_checked_and_defaults_to_cores_of_their_own(
-    monkeypatch: pytest.MonkeyPatch,
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
     from timeprest.engine.runtime import shm
 
-    for bad in (-1.0, float("inf"), "2ms"):
+    for bad in (-1.0, float("inf"), "2ms", True):
         with pytest.raises(ConfigError, match="spin must be seconds >= 0 or None"):
             RuntimeOptions(spin=bad)  # type: ignore[arg-type]
     assert shm.spin_seconds(0.25, 64) == 0.25  # asked: as asked, however crowded
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3}, raising=False)
     monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    quota = tmp_path / "cpu.max"
+    monkeypatch.setattr(shm, "CPU_MAX", str(quota))
+    quota.write_text("max 100000\n")  # no quota: the affinity's 4 cores
     assert shm.spin_seconds(None, 2) == shm.SPIN  # 2 ranks x 2 threads on 4 cores
     assert shm.spin_seconds(None, 3) == 0.0  # 6 threads on 4 cores: no spinning
+    quota.write_text("200000 100000\n")  # docker --cpus=2 on those 4 cores
+    assert shm.spin_seconds(None, 2) == 0.0
 
 
-def test_a_receive_spins_before_it_sleeps(loop: Any) -> None:
+def _spinning(loop: Any, monkeypatch: pytest.MonkeyPatch) -> list[float]:
+    """The loop's sleeps in poll, recorded (their timeouts)."""
+    sleeps: list[float] = []
+    wait = loop._wait
+
+    def recorded(seconds: float, write_fd: int | None = None) -> None:
+        sleeps.append(seconds)
+        wait(seconds, write_fd)
+
+    monkeypatch.setattr(loop, "_wait", recorded)
+    return sleeps
+
+
+def test_a_receive_spins_before_it_sleeps(loop: Any, monkeypatch: pytest.MonkeyPatch) -> None:
     import threading
 
-    def receive_late(spin: float, key: tuple[int, int]) -> float:
-        """CPU seconds of this thread in a receive whose message is sent 0.1 s late."""
+    sleeps = _spinning(loop, monkeypatch)
+
+    def receive_late(spin: float, key: tuple[int, int]) -> None:
+        """A receive whose message is sent 0.1 s late."""
         loop.spin = spin
         sender = threading.Timer(0.1, lambda: loop.post(0, "act", key, torch.ones(3)))
         sender.start()
-        cpu = time.thread_time()
         got, _ = loop.take(0, key, "m", 5.0)
-        cpu = time.thread_time() - cpu
         sender.join()
         assert torch.equal(got, torch.ones(3))
         for slot in loop.outs[0].slots:
             slot.busy = False
-        return cpu
 
-    assert receive_late(0.0, (1, 0)) < 0.03  # asleep in poll until the message
-    assert receive_late(5.0, (2, 0)) > 0.05  # reading the FIFO all along
+    receive_late(0.0, (1, 0))
+    assert sleeps  # asleep in poll until the message
+    sleeps.clear()
+    receive_late(5.0, (2, 0))
+    assert sleeps == []  # reading the FIFO all along
+
+
+def test_a_spinning_receive_keeps_its_timeout_and_hears_a_close(
+    loop: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import threading
+
+    from timeprest.engine.runtime.failures import CommError
+
+    sleeps = _spinning(loop, monkeypatch)
+    loop.spin = 5.0
+    started = time.monotonic()
+    with pytest.raises(CommError, match="no message in 0.2 s"):
+        loop.take(0, (1, 0), "m", 0.2)
+    assert time.monotonic() - started < 2.0 and sleeps == []  # the timeout, not the spin
+    from timeprest.engine.runtime.shm_links import _CLOSED, _RECORD, MAX_DIMS
+
+    closed = _RECORD.pack(_CLOSED, *([0] * (7 + MAX_DIMS)))  # what a stopping rank writes
+    closer = threading.Timer(0.05, lambda: os.write(loop.outs[0].fd, closed))
+    closer.start()
+    with pytest.raises(CommError, match="closed its channels"):
+        loop.take(0, (2, 0), "m", 3.0)
+    closer.join()
+    assert sleeps == []

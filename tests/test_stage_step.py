@@ -121,20 +121,40 @@ def test_sgd_steps_train_the_same_as_torchs(monkeypatch, method) -> None:
     assert all(torch.equal(a, b) for a, b in zip(got[1], want[1]))
 
 
-def test_a_plain_sgd_step_clears_every_gradient_of_the_optimizer() -> None:
+def test_a_plain_sgd_step_clears_every_gradient_of_the_optimizer(monkeypatch) -> None:
     """Without torch's zero_grad the step clears what zero_grad(set_to_none=True) would:
-    the gradients of every parameter the optimizer holds, not only the stage's."""
+    the gradients of every parameter the optimizer holds, not only the stage's; a
+    zero_grad patched on the class is called (torch's path)."""
     from timeprest.policy.methods import get_method
     from timeprest.stage.remedies import StageRemedies
     from timeprest.stage.step import step_in_place
 
+    def step(opt: torch.optim.Optimizer, ps: list[nn.Parameter]) -> None:
+        grads: list[torch.Tensor | None] = [torch.ones_like(p) for p in ps]
+        step_in_place(opt, ps, grads, None, StageRemedies(get_method("gpipe").policy, ps, opt))
+
+    def not_called(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the plain SGD path called zero_grad")
+
+    # the fast path's own check passes (the class's zero_grad is the one it stands in for),
+    # yet calling it would raise: the path must clear the gradients itself
+    monkeypatch.setattr(torch.optim.Optimizer, "zero_grad", not_called)
+    monkeypatch.setattr(step_module, "_TORCH_ZERO_GRAD", not_called)
     ps, other = params(), nn.Parameter(torch.ones(2))
     opt = torch.optim.SGD([*ps, other], lr=0.1)
     other.grad = torch.ones(2)
     before = [p.detach().clone() for p in ps]
-    grads: list[torch.Tensor | None] = [torch.ones_like(p) for p in ps]
-    remedies = StageRemedies(get_method("gpipe").policy, ps, opt)
-    step_in_place(opt, ps, grads, None, remedies)
+    step(opt, ps)
     assert all(p.grad is None for p in [*ps, other])
     for p, b in zip(ps, before):
         assert torch.equal(p.detach(), b - 0.1)
+    # patched on the class: torch's step, then the patched zero_grad
+    calls: list[bool] = []
+    monkeypatch.setattr(
+        torch.optim.SGD,
+        "zero_grad",
+        lambda self, set_to_none=True: calls.append(set_to_none),
+        raising=False,
+    )
+    step(opt, ps)
+    assert calls == [True]

@@ -52,9 +52,17 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="time a plain autograd forward and backward of the layers instead of the engine",
     )
     p.add_argument("--device", default="cpu", help="device to time on (default cpu)")
-    p.add_argument("--warmup", type=int, default=2, help="untimed runs first (default 2)")
     p.add_argument(
-        "--repeats", type=int, default=5, help="timed runs; the median is kept (default 5)"
+        "--warmup",
+        type=int,
+        default=None,
+        help="untimed mini-batches first (default: the number of stages, at least 2)",
+    )
+    p.add_argument(
+        "--repeats",
+        type=int,
+        default=5,
+        help="timed mini-batches; the median of their per-mini-batch means is kept (default 5)",
     )
     p.add_argument(
         "--bandwidth",

@@ -2,8 +2,9 @@
 
 Each stage is timed on a deep copy (the caller's modules keep their weights,
 gradients and BatchNorm statistics), fed with the previous stage's output,
-``warmup`` times untimed and then ``repeats`` times; the median is kept
-(the engine's times: per mini-batch means, see :func:`profile_stages`).
+``warmup`` times untimed and then ``repeats`` times. The layers alone keep
+the median; the engine's times are the median over mini-batches of each
+mini-batch's mean (see :func:`profile_stages`).
 Sizes are measured the way the emulator measures them: the saved-activation
 bytes are the unique storages autograd saves during the forward, weight
 tensors and buffers excluded (and, at the last stage, the loss included).
@@ -87,7 +88,7 @@ def profile_stages(
     loss_fn: LossFn | None = None,
     optimizer: OptimizerFactory | None = None,
     device: str | torch.device = "cpu",
-    warmup: int = 2,
+    warmup: int | None = None,
     repeats: int = 5,
     bandwidth: float | None = None,
     latency: float = 0.0,
@@ -103,8 +104,9 @@ def profile_stages(
     update); each action's mean time per timed mini-batch, and the median of
     those over the last ``repeats`` mini-batches, are kept (a cost every
     mini-batch pays counts, a one-off stall does not; a ``B`` action over
-    several micro-batches counts per micro-batch). Give ``warmup`` at least
-    the number of stages: a schedule's first mini-batches fill the pipeline.
+    several micro-batches counts per micro-batch). ``warmup`` (default: the
+    number of stages, at least 2) covers the pipeline's fill, whose first
+    actions are slower.
     ``method=None`` times the layers alone instead: a plain autograd forward
     and backward per stage, and an optimizer step with made-up gradients.
 
@@ -124,6 +126,8 @@ def profile_stages(
             f"the sample mini-batch has {sample_input.shape[0] if sample_input.dim() else 0} rows, "
             f"fewer than the {num_microbatches} micro-batches: raise the batch size"
         )
+    if warmup is None:  # the pipeline's fill (docs/simulator.md)
+        warmup = max(2, len(stages))
     if warmup < 0 or repeats < 1:
         raise ConfigError(f"profiling needs warmup >= 0 and repeats >= 1, got {warmup}, {repeats}")
     if (sample_target is None) != (loss_fn is None):
@@ -302,6 +306,7 @@ def _engine_times(
                 sums[1] += count
         r.action_times = None
 
+        assert all("F" in m and "B" in m for m in per.values()), "a mini-batch lost its actions"
         f, b, u = (_median_of_means(per, kind) for kind in "FBU")
         out.append((max(f, 1e-9), max(b, 1e-9), u))
     return out

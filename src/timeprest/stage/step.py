@@ -68,6 +68,9 @@ def step_in_place(
     remedies.after_step(grads)
 
 
+_TORCH_ZERO_GRAD = torch.optim.Optimizer.zero_grad  # what the fast path does in its place
+
+
 def _plain_sgd_groups(
     optimizer: torch.optim.Optimizer, params: Sequence[nn.Parameter]
 ) -> list[dict[str, Any]] | None:
@@ -75,6 +78,8 @@ def _plain_sgd_groups(
     written (no hooks, no wrapper of its ``step`` or ``zero_grad``, float learning rates, dense CPU
     gradients, neither differentiable nor fused); else None."""
     if type(optimizer) is not torch.optim.SGD or {"step", "zero_grad"} & vars(optimizer).keys():
+        return None
+    if torch.optim.SGD.zero_grad is not _TORCH_ZERO_GRAD:  # patched on the class
         return None
     if optimizer._optimizer_step_pre_hooks or optimizer._optimizer_step_post_hooks:
         return None

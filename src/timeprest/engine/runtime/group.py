@@ -53,8 +53,8 @@ class RuntimeOptions:
     """Seconds a shared-memory receive keeps reading its FIFO before it sleeps: waking a
     sleeping process costs its sender a wake-up (tens of microseconds on a virtual
     machine) and the receiver as long again. None: 2 ms where every rank has cores of its
-    own (ranks on the host x intra-op threads <= the cores this process may use), else 0
-    (a spinning rank would take a core from a computing one)."""
+    own (ranks on the host x intra-op threads <= the cores this process may use, a cgroup
+    quota included), else 0 (a spinning rank would take a core from a computing one)."""
 
     def __post_init__(self) -> None:
         if not (isinstance(self.timeout, (int, float)) and self.timeout > 0):
@@ -72,7 +72,9 @@ class RuntimeOptions:
         if self.backend not in ("auto", "gloo", "nccl"):
             raise ConfigError(f"unknown backend {self.backend!r}: expected auto, gloo or nccl")
         if self.spin is not None and not (
-            isinstance(self.spin, (int, float)) and 0 <= self.spin < math.inf
+            isinstance(self.spin, (int, float))
+            and not isinstance(self.spin, bool)
+            and 0 <= self.spin < math.inf
         ):
             raise ConfigError(f"spin must be seconds >= 0 or None, got {self.spin!r}")
         if self.transport not in TRANSPORTS:

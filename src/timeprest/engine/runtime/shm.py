@@ -24,13 +24,13 @@ slot's size, the payload's size, the (t, j) key, dtype and shape (a write
 of up to ``PIPE_BUF`` bytes to a pipe is atomic; the FIFO holds 8,192
 records where the system allows, and a send waits only when b is that far
 behind, reading its own incoming records meanwhile). b first reads its
-FIFO in a loop for ``RuntimeOptions.spin`` (2 ms by default where every rank
-has cores of its own: a sender whose receiver sleeps spent 57 us in that
-write instead of 9 on this 2-core virtual machine, at 256/16/8 1f1b), then
-waits in ``poll`` on its FIFOs, keeps the records it reads in an inbox per peer, maps a slot the
-first time it sees it (and unlinks its file: both sides have it mapped) and
-copies the payload into a fresh tensor (autograd keeps received
-activations).
+FIFOs in a loop for ``RuntimeOptions.spin`` seconds (2 ms by default where
+every rank has cores of its own: on a 2-core virtual machine a write that
+woke a receiver asleep in ``poll`` took the sender 57 us, one that did not
+9 us, at 1f1b 256/16/8), then waits in ``poll`` on them. It keeps the
+records it reads in an inbox per peer, maps a slot the first time it sees
+it (and unlinks its file: both sides have it mapped) and copies the payload
+into a fresh tensor (autograd keeps received activations).
 
 A slot is free again without any flag or record back: the message plan
 (:mod:`.messages`) proves a send complete when a message arrives that its
@@ -134,15 +134,31 @@ def _why_not(got: list[dict[str, Any]], backend: str) -> str | None:
 SPIN = 0.002  # seconds; RuntimeOptions.spin
 
 
+CPU_MAX = "/sys/fs/cgroup/cpu.max"  # a cgroup v2 quota: "<quota> <period>" or "max ..."
+
+
+def usable_cores() -> float:
+    """The cores this process may use: its CPU affinity, capped by a cgroup (v2) quota
+    (``docker --cpus``), which the affinity does not show."""
+    affinity = getattr(os, "sched_getaffinity", None)
+    cores: float = len(affinity(0)) if affinity is not None else os.cpu_count() or 1
+    try:
+        with open(CPU_MAX) as f:
+            quota, period = f.read().split()[:2]
+        if quota != "max":
+            cores = min(cores, int(quota) / int(period))
+    except (OSError, ValueError, ZeroDivisionError):
+        pass  # no cgroup v2 quota to read
+    return cores
+
+
 def spin_seconds(asked: float | None, ranks_here: int) -> float:
     """How long a receive spins before it sleeps: ``asked``, or by default :data:`SPIN`
     where each of the ``ranks_here`` ranks on this host can have its intra-op threads on
-    cores of their own, else 0."""
+    cores of their own (:func:`usable_cores`), else 0."""
     if asked is not None:
         return float(asked)
-    affinity = getattr(os, "sched_getaffinity", None)
-    cores = len(affinity(0)) if affinity is not None else os.cpu_count() or 1
-    return SPIN if ranks_here * torch.get_num_threads() <= cores else 0.0
+    return SPIN if ranks_here * torch.get_num_threads() <= usable_cores() else 0.0
 
 
 def open_links(

@@ -316,8 +316,9 @@ class ShmLinks:
                 check = now + _POLL
             if now >= deadline:
                 raise CommError(peer, what, TimeoutError(f"no message in {timeout:g} s"))
-            if now < awake:
-                self._read(inn)
+            if now < awake:  # every incoming FIFO: a closed record may come from either side
+                for other in self.ins.values():
+                    self._read(other)
             else:
                 self._wait(min(check, deadline) - now)
         _, slot, capacity, nbytes, _, _, code, ndim, *dims = rec
