@@ -52,6 +52,7 @@ from timeprest.schedule.builders import (
 from timeprest.schedule.costs import CostSpec, resolve_costs
 from timeprest.schedule.lower import Lowered, lower
 from timeprest.stage import LossFn, Minibatch, OptimizerFactory, StageRunner
+from timeprest.stage.fused import FusedLinears
 from timeprest.stage.replicas import replica_seed
 from timeprest.stage.sync import Tied, attach_update_rules
 
@@ -94,6 +95,9 @@ class Pipeline:
     as (stage, parameter name) places) are docs/design.md section 11's.
     ``distance_every``: the report's relative distance of the backward weights is
     measured at every K-th mini-batch (a pass over the weights; 1 for all).
+    ``fused_accumulation``: wide ``nn.Linear`` layers add each micro-batch's weight
+    gradient into the accumulator in the product itself, where that gives bitwise the
+    same sums (:mod:`timeprest.stage.fused`); False keeps autograd's product and add.
 
     ``stages`` is a list of modules or a callable ``stage_fn(stage) -> nn.Module``
     (then give ``num_stages``, except with the distributed engine). With
@@ -138,6 +142,7 @@ class Pipeline:
         data_parallel: int = 1,
         device_mesh: Any = None,
         distance_every: int = DEFAULT_DISTANCE_EVERY,
+        fused_accumulation: bool = True,
         **remedies: Unpack[RemedyOverrides],
     ) -> None:
         bad = isinstance(data_parallel, bool) or not isinstance(data_parallel, int)
@@ -253,8 +258,14 @@ class Pipeline:
                 "tied tensors and --clip-scope global are not supported with data_parallel > 1 "
                 "yet: use data_parallel=1, or per-stage clipping without tied tensors"
             )
+        if not isinstance(fused_accumulation, bool):
+            raise ConfigError(
+                f"fused_accumulation must be True or False, got {fused_accumulation!r}"
+            )
         for r in (r for rs in (self.runners, *self._replicas) for r in rs):
             r.distance_every = distance_every
+            if not fused_accumulation:
+                r.fused = FusedLinears(r._slots, enabled=False)
         self.report = Report(stages=[StageReport(s) for s in range(w)])
         for r in self.runners:
             self.report.stages[r.index] = r.report()

@@ -27,6 +27,7 @@ from timeprest.report import DEFAULT_DISTANCE_EVERY, StageReport, StageStep
 from timeprest.schedule.actions import Action
 from timeprest.stage.backward import BackwardWeights
 from timeprest.stage.checks import checked_forward, checked_loss
+from timeprest.stage.fused import FusedLinears
 from timeprest.stage.io import Batches
 from timeprest.stage.precision import autocast, unscale
 from timeprest.stage.remedies import StageRemedies
@@ -93,6 +94,8 @@ class StageRunner:
         self._saved: dict[tuple[int, int], Saved] = {}
         # the weights each backward reads, built once per (action, forward version)
         self._backward = BackwardWeights(policy, self.store, self.remedies)
+        # nn.Linear weight gradients added into the accumulators in the product (stage/fused.py)
+        self.fused = FusedLinears(self._slots, enabled=True)
         self.activation_bytes_live = 0
         self.peak_activation_bytes = 0
         self._checked_input = False
@@ -253,11 +256,19 @@ class StageRunner:
                 if tokens
                 else contextlib.nullcontext()
             )
-            with hooks, self._rng(t, j), autocast(self.device, self.precision):
+            fuse = self._fuses(t, j, v, reads is leaves)
+            with (
+                hooks,
+                self._rng(t, j),
+                autocast(self.device, self.precision),
+                self.fused.forward(leaves) if fuse else contextlib.nullcontext() as record,
+            ):
                 out = self._checked_call(reads, x)
                 if self.is_last:
                     loss = self._loss(out, target, t, j)
                     out = self._backward_root(loss, frac)
+            if record is not None:
+                saved.fused = self.fused.after(record, out)
             if self.is_last:
                 self._record_loss(t, j, loss, frac)
             else:
@@ -273,6 +284,15 @@ class StageRunner:
         step = self.steps.setdefault(t, StageStep())
         step.forward_versions.append(v)
         return sent
+
+    def _fuses(self, t: int, j: int, v: int, plain_reads: bool) -> bool:
+        """Whether F{t}.{j}'s nn.Linear weight gradients can be added in the product: its
+        backward will add into the accumulators (:meth:`_backward_into_accumulators`)."""
+        assert self.plan is not None
+        if not self.fused or not plain_reads or self.precision != "fp32":
+            return False
+        k = self.base_version + self.plan.backward_version[(t, j)]
+        return self.loss_scale == 1.0 and not (self.remedies.corrects and v != k)
 
     def _reads_live_at_backward(self, t: int, j: int, v: int, d: int) -> bool:
         """Whether F{t}.{j}'s backward (d > 0) reads the very tensors this live forward
@@ -379,6 +399,8 @@ class StageRunner:
         inputs = [*leaves, x] if x is not None else list(leaves)
         try:
             torch.autograd.backward(saved.out, grad_tensors=grad_out, inputs=inputs)
+            if saved.fused is not None:
+                saved.fused.check_backward()
             self._grads = [leaf.grad for leaf in leaves]
             dx = None if x is None else x.grad
         finally:  # the leaves must not keep the accumulators (nor a half-done sum)

@@ -121,6 +121,8 @@ class Saved:
     fraction: float = 1.0
     casts: dict[tuple[int, torch.dtype], Tensor] = field(default_factory=dict)
     """Backward weights cast for autocast, made once per (weight, dtype) at the backward."""
+    fused: Any = None
+    """The forward's fused nn.Linear layers (stage/fused.py), checked after the backward."""
 
 
 def _cast_input(t: Tensor) -> Any:

@@ -1,0 +1,233 @@
+"""Fused accumulation (stage/fused.py): bitwise autograd's training, and where it stays off."""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import pytest
+import torch
+from torch import nn
+
+import timeprest
+from timeprest.errors import ConfigError
+from timeprest.policy.methods import METHODS
+from timeprest.stage import fused as fused_module
+
+W = 512  # 512 x 512 = 2^18 elements: the smallest weight that is fused
+ROWS = (7, 7, 7, 3)  # uneven micro-batches: several kinds of sum per layer
+
+
+def plain(num: int = 2) -> list[nn.Module]:
+    torch.manual_seed(0)
+    return [nn.Sequential(nn.Linear(W, W), nn.ReLU(), nn.Linear(W, W)) for _ in range(num)]
+
+
+def train(
+    method: str, fused: bool, stages: list[nn.Module], minibatches: int = 4
+) -> tuple[list[float], list[dict[str, torch.Tensor]]]:
+    pipe = timeprest.Pipeline(
+        copy.deepcopy(stages),
+        method=method,
+        num_microbatches=len(ROWS),
+        optimizer=lambda p: torch.optim.SGD(p, lr=0.01, momentum=0.9),
+        loss_fn=nn.functional.mse_loss,
+        fused_accumulation=fused,
+    )
+    g = torch.Generator().manual_seed(1)
+    rows = sum(ROWS)
+    batches = [
+        (torch.randn(rows, W, generator=g), torch.randn(rows, W, generator=g))
+        for _ in range(minibatches)
+    ]
+    losses = pipe.train(batches)
+    states = []
+    for m in pipe.stages:
+        assert m is not None
+        states.append({k: v.clone() for k, v in m.state_dict().items()})
+    return losses, states
+
+
+@pytest.fixture
+def fused_sums(monkeypatch: pytest.MonkeyPatch) -> list[bool]:
+    """Records every gradient the fused path adds (True: into an accumulator)."""
+    calls: list[bool] = []
+    add = fused_module.add_into
+
+    def recorded(leaf: torch.Tensor, *args: Any) -> None:
+        calls.append(leaf.grad is not None)
+        add(leaf, *args)
+
+    monkeypatch.setattr(fused_module, "add_into", recorded)
+    return calls
+
+
+def assert_same(a: Any, b: Any) -> None:
+    assert a[0] == b[0]
+    for sa, sb in zip(a[1], b[1], strict=True):
+        for k in sa:
+            assert torch.equal(sa[k], sb[k]), k
+
+
+METHODS_TRAINED = [m for m in METHODS if m not in ("pipedream-lr",)]
+
+
+@pytest.mark.parametrize("method", METHODS_TRAINED)
+def test_fused_accumulation_trains_bitwise_as_autograd(method: str, fused_sums: list[bool]):
+    stages = plain()
+    fused = train(method, True, stages)
+    assert any(fused_sums), "no gradient was added in the product"
+    fused_sums.clear()
+    assert_same(fused, train(method, False, stages))
+    assert not fused_sums  # off means off
+
+
+class Twice(nn.Module):
+    """One layer called twice per forward: its two gradients are summed, then added."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(W, W)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.lin(torch.tanh(self.lin(x)))
+
+
+class Outside(nn.Module):
+    """A layer whose weight the forward also reads directly: never fused."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(W, W)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.lin(x) + 0.5 * x @ self.lin.weight.t()
+
+
+def test_a_layer_called_twice_sums_its_gradients_first(fused_sums: list[bool]) -> None:
+    torch.manual_seed(0)
+    stages: list[nn.Module] = [Twice(), Twice()]
+    for method in ("gpipe", "v-timeprest"):
+        fused = train(method, True, stages)
+        assert fused_sums
+        fused_sums.clear()
+        assert_same(fused, train(method, False, stages))
+
+
+def test_a_weight_read_outside_its_layer_stays_autograds(fused_sums: list[bool]) -> None:
+    torch.manual_seed(0)
+    stages: list[nn.Module] = [Outside(), nn.Sequential(nn.Linear(W, W))]
+    fused = train("v-timeprest", True, stages)
+    assert_same(fused, train("v-timeprest", False, stages))
+    # both can be fused until the first forward has counted the uses: then stage 0's goes
+    pipe = timeprest.Pipeline(
+        copy.deepcopy(stages),
+        method="gpipe",
+        num_microbatches=2,
+        optimizer=lambda p: torch.optim.SGD(p, lr=0.01),
+        loss_fn=nn.functional.mse_loss,
+    )
+    assert [bool(r.fused) for r in pipe.runners] == [True, True]
+    pipe.train([(torch.randn(4, W), torch.randn(4, W))] * 2)
+    assert [bool(r.fused) for r in pipe.runners] == [False, True]
+
+
+def test_a_later_use_outside_the_layer_is_an_error() -> None:
+    class Sometimes(Outside):
+        calls = 0
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            Sometimes.calls += 1
+            return self.lin(x) if Sometimes.calls == 1 else super().forward(x)
+
+    torch.manual_seed(0)
+    with pytest.raises(ConfigError, match="fused_accumulation=False"):
+        train("gpipe", True, [Sometimes(), nn.Sequential(nn.Linear(W, W))])
+
+
+def test_small_weights_and_other_layers_are_not_fused() -> None:
+    torch.manual_seed(0)
+    small = [nn.Sequential(nn.Linear(64, 64)), nn.Sequential(nn.Linear(64, 64))]
+    sgd = {"optimizer": lambda p: torch.optim.SGD(p, lr=0.01), "loss_fn": nn.functional.mse_loss}
+    pipe = timeprest.Pipeline(small, method="gpipe", num_microbatches=2, **sgd)
+    assert not any(r.fused for r in pipe.runners)
+
+    class MyLinear(nn.Linear):
+        pass
+
+    wide = [nn.Sequential(MyLinear(W, W)), nn.Sequential(nn.Linear(W, W))]
+    pipe = timeprest.Pipeline(wide, method="gpipe", num_microbatches=2, **sgd)
+    assert [bool(r.fused) for r in pipe.runners] == [False, True]
+    with pytest.raises(ConfigError, match="fused_accumulation must be True or False"):
+        timeprest.Pipeline(wide, method="gpipe", num_microbatches=2, fused_accumulation=1, **sgd)  # type: ignore[arg-type]
+
+
+def test_a_kind_whose_sums_differ_is_summed_as_autograd(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Where addmm_ rounds differently, the probe finds it and the kind stays unfused."""
+    leaf = torch.zeros(4, 3, requires_grad=True)
+    leaf.grad = torch.randn(4, 3)
+    gy, x = torch.randn(5, 4), torch.randn(5, 3)
+    monkeypatch.setattr(fused_module, "_AGREES", {})
+
+    def off_by_one(self: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return self.add_(a.mm(b)).add_(1e-3)  # a BLAS that rounds otherwise
+
+    want = leaf.grad + gy.t().mm(x)
+    monkeypatch.setattr(torch.Tensor, "addmm_", off_by_one)
+    fused_module.add_into(leaf, None, gy, x)
+    assert torch.equal(leaf.grad, want)
+    assert list(fused_module._AGREES.values()) == [False]
+    fused_module.add_into(leaf, None, gy, x)  # now autograd's product and add
+    assert torch.equal(leaf.grad, want + gy.t().mm(x))
+
+
+def _runtime_worker(rank: int, world: int, tmp: str) -> None:
+    from helpers import init_group
+    from timeprest.engine.runtime import RuntimeOptions
+
+    init_group(rank, world, f"{tmp}/rdv")
+    out = {}
+    for method in ("v-timeprest", "i-timeprest"):
+        stages = plain(world)
+        pipe = timeprest.Pipeline(
+            [m if s == rank else None for s, m in enumerate(stages)],
+            method=method,
+            num_microbatches=len(ROWS),
+            optimizer=lambda p: torch.optim.SGD(p, lr=0.01, momentum=0.9),
+            loss_fn=nn.functional.mse_loss,
+            engine="distributed",
+            runtime=RuntimeOptions(timeout=60),
+        )
+        g = torch.Generator().manual_seed(1)
+        rows = sum(ROWS)
+        batches = [(torch.randn(rows, W, generator=g), torch.randn(rows, W, generator=g))]
+        losses = pipe.train(batches * 4)
+        module = pipe.stages[rank]
+        assert module is not None
+        out[method] = (losses, {k: v.clone() for k, v in module.state_dict().items()})
+    torch.save(out, f"{tmp}/rank{rank}.pt")
+
+
+def test_the_runtime_fuses_as_the_emulator(tmp_path: Any) -> None:
+    from helpers import spawn
+
+    assert spawn(_runtime_worker, 2, tmp_path, limit=120) == [0, 0]
+    got = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2)]
+    for method in ("v-timeprest", "i-timeprest"):
+        g = torch.Generator().manual_seed(1)
+        rows = sum(ROWS)
+        batches = [(torch.randn(rows, W, generator=g), torch.randn(rows, W, generator=g))]
+        pipe = timeprest.Pipeline(
+            plain(2),
+            method=method,
+            num_microbatches=len(ROWS),
+            optimizer=lambda p: torch.optim.SGD(p, lr=0.01, momentum=0.9),
+            loss_fn=nn.functional.mse_loss,
+        )
+        want = pipe.train(batches * 4)
+        assert got[1][method][0] == want, method  # the last rank reports the losses
+        for r in range(2):
+            module = pipe.stages[r]
+            assert module is not None
+            for k, v in module.state_dict().items():
+                assert torch.equal(got[r][method][1][k], v), (method, r, k)
