@@ -63,6 +63,12 @@ def parse() -> argparse.Namespace:
     p.add_argument("--rounds", type=int, default=5, help="timed rounds (median reported)")
     p.add_argument("--threads", type=int, default=1, help="intra-op threads")
     p.add_argument("--methods", default="", help="comma-separated subset (default: all)")
+    p.add_argument(
+        "--no-fused-accumulation",
+        dest="fused",
+        action="store_false",
+        help="the engine with Pipeline(fused_accumulation=False) (for the A/B)",
+    )
     p.add_argument("--grid", action="store_true", help="run the grid of benchmarks/_grid.py")
     p.add_argument("--grid-rounds", type=int, default=3, help="rounds per grid point")
     p.add_argument(
@@ -139,6 +145,8 @@ class PlainStages:
 class Engine:
     """The emulator, built once (its schedule is cached after the warm-up call)."""
 
+    fused = True  # Pipeline(fused_accumulation=...), from --no-fused-accumulation
+
     def __init__(self, stages: list[nn.Module], n: int, method: str) -> None:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", MultipleSequenceWarning)
@@ -148,6 +156,7 @@ class Engine:
                 num_microbatches=n,
                 optimizer=sgd,
                 loss_fn=nn.functional.mse_loss,
+                fused_accumulation=Engine.fused,
             )
 
     def __call__(self, batches: list[tuple[Tensor, Tensor]]) -> None:
@@ -189,6 +198,7 @@ def measure(args: argparse.Namespace, methods: list[str]) -> dict[str, list[floa
 def main() -> None:
     args = parse()
     torch.set_num_threads(args.threads)
+    Engine.fused = args.fused
     methods = [m for m in args.methods.split(",") if m]
     for m in methods:
         if m not in METHODS:

@@ -134,6 +134,12 @@ def parse() -> argparse.Namespace:
         help="our runtime's RuntimeOptions.spin in seconds (default: the runtime's choice; "
         "the link measurement keeps the default)",
     )
+    p.add_argument(
+        "--no-fused-accumulation",
+        dest="fused",
+        action="store_false",
+        help="our runtime with Pipeline(fused_accumulation=False) (for the A/B)",
+    )
     p.add_argument("--result", default="", help=argparse.SUPPRESS)  # rank 0's summary (JSON)
     args = p.parse_args()
     if args.spin is not None and not 0 <= args.spin < float("inf"):
@@ -256,7 +262,14 @@ def steady_interval(stamps: list[float]) -> float:
 
 class Ours:
     def __init__(
-        self, method: str, module: nn.Module, n: int, rank: int, transport: Any, spin: Any
+        self,
+        method: str,
+        module: nn.Module,
+        n: int,
+        rank: int,
+        transport: Any,
+        spin: Any,
+        fused: bool = True,
     ) -> None:
         self.last = rank == W - 1
         self.stamps: list[float] = []
@@ -268,6 +281,7 @@ class Ours:
             loss_fn=nn.functional.mse_loss,
             engine="distributed",
             runtime=RuntimeOptions(timeout=300, num_threads=None, transport=transport, spin=spin),
+            fused_accumulation=fused,
         )
 
     def _stamp(self, minibatch: int, loss: float) -> None:
@@ -337,7 +351,7 @@ def worker(rank: int, args: argparse.Namespace, port: int) -> None:
     for name in methods:
         module = copy.deepcopy(base)
         if name in OURS:
-            runners[name] = Ours(name, module, n, rank, args.transport, args.spin)
+            runners[name] = Ours(name, module, n, rank, args.transport, args.spin, args.fused)
         else:
             runners[name] = Theirs(name, module, n, rank, m, width)
     data = {name: (small if name == "pipedream" else batches) for name in methods}
