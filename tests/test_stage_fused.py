@@ -231,3 +231,71 @@ def test_the_runtime_fuses_as_the_emulator(tmp_path: Any) -> None:
             assert module is not None
             for k, v in module.state_dict().items():
                 assert torch.equal(got[r][method][1][k], v), (method, r, k)
+
+
+class Hooked(nn.Module):
+    """A hook on a layer's output scales the gradient the layer's weight sees."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(W, W), nn.Linear(W, W)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.a(x)
+        if y.requires_grad:
+            y.register_hook(lambda g: g * 0.5)
+        return self.b(torch.relu(y))
+
+
+class Checkpointed(nn.Module):
+    """Activation checkpointing inside the stage: the replay must save what the forward did."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(W, W), nn.Linear(W, W)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        from torch.utils.checkpoint import checkpoint
+
+        inner = checkpoint(lambda z: torch.relu(self.a(z)), x, use_reentrant=False)
+        return self.b(inner)
+
+
+class Skipping(nn.Module):
+    """A layer whose output reaches the loss in some forwards only."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(W, W), nn.Linear(W, W)
+        self.calls = 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        y = self.a(x)
+        return self.b(y if self.calls % 3 else y.detach() * 0 + x)
+
+
+@pytest.mark.parametrize("kind", [Hooked, Checkpointed, Skipping])
+def test_hooks_checkpoints_and_unused_outputs_train_as_autograd(kind: type) -> None:
+    torch.manual_seed(0)
+    stages: list[nn.Module] = [kind(), kind()]
+    for method in ("gpipe", "v-timeprest"):
+        assert_same(train(method, True, stages), train(method, False, stages))
+
+
+def test_saved_activation_bytes_count_the_input_the_hook_keeps() -> None:
+    torch.manual_seed(0)
+    stages = [nn.Sequential(nn.Linear(W, W), nn.BatchNorm1d(W), nn.Linear(W, W)) for _ in range(2)]
+    peaks = []
+    for fused in (True, False):
+        pipe = timeprest.Pipeline(
+            copy.deepcopy(stages),
+            method="gpipe",
+            num_microbatches=2,
+            optimizer=lambda p: torch.optim.SGD(p, lr=0.01),
+            loss_fn=nn.functional.mse_loss,
+            fused_accumulation=fused,
+        )
+        pipe.train([(torch.randn(8, W), torch.randn(8, W))] * 3)
+        peaks.append([s.peak_activation_bytes for s in pipe.report.stages])
+    assert peaks[0] == peaks[1]

@@ -13,8 +13,14 @@ adds the accumulator last gives bitwise the sum autograd gives.
 
 So a forward here runs such a layer on its weight *detached* (autograd then
 computes the input's and the bias's gradients as always, but not the
-weight's) and hooks the output's gradient: the hook adds the weight's
-gradient into ``leaf.grad``, the accumulator the stage's backward put there.
+weight's) and hooks the product's node: the hook, which sees the output's
+gradient after any hook on the output itself, adds the weight's gradient
+into ``leaf.grad``, the accumulator the stage's backward put there. The input
+it needs is kept through the stage's saved-tensor hooks, as autograd would
+have saved it (so its bytes are counted); a layer run inside other
+saved-tensor hooks (activation checkpointing, whose replay must save what the
+forward saved) stays autograd's, and a call whose output does not reach the
+stage's output adds nothing.
 Where the two ways agree is not assumed: the first sum of each kind (shapes,
 strides, alignment, dtype, threads) is done both ways and compared bitwise;
 only a kind that agreed is fused after (BLAS order does not depend on the
@@ -88,10 +94,17 @@ def add_into(leaf: Tensor, g: Tensor | None, gy: Tensor, x: Tensor) -> None:
     acc.add_(gy.t().mm(x))
 
 
-def _edges_into_leaves(out: Tensor, leaves: dict[int, int]) -> dict[int, int]:
-    """Per leaf index (``leaves``: id -> index), the graph edges from ``out`` into it."""
+def _same_hooks(a: Any, b: Any) -> bool:
+    return (a is None and b is None) or (a is not None and b is not None and a[0] is b[0])
+
+
+def _edges_into_leaves(
+    out: Tensor, leaves: dict[int, int], seen: set[int] | None = None
+) -> dict[int, int]:
+    """Per leaf index (``leaves``: id -> index), the graph edges from ``out`` into it;
+    ``seen`` collects the ids of the nodes reached."""
     edges: dict[int, int] = {}
-    seen: set[int] = set()
+    seen = set() if seen is None else seen
     todo = [out.grad_fn] if out.grad_fn is not None else []
     while todo:
         node = todo.pop()
@@ -114,9 +127,15 @@ class _Forward:
     def __init__(self, leaves: Sequence[Tensor], counting: bool) -> None:
         self.leaves = leaves
         self.counting = counting  # autograd's way, the uses counted (the first forward)
-        self.uses: dict[int, int] = {}  # leaf index -> fused calls in this forward
+        self.uses: dict[int, int] = {}  # leaf index -> fused calls whose output counts
+        self.nodes: list[tuple[int, Any]] = []  # (leaf index, the product's node) per call
         self.pending: dict[int, Tensor] = {}  # leaf index -> gradients summed so far
         self.seen: dict[int, int] = {}  # leaf index -> hooks fired
+        # the saved-tensor hooks around the stage's forward (the runner's tokens, or none):
+        # inside other ones (activation checkpointing) a layer stays autograd's, so that
+        # what a replay saves matches; ours pack the input the hook keeps, as autograd
+        # would have saved it (its bytes counted)
+        self.hooks = torch._C._autograd._top_saved_tensors_default_hooks(False)
 
     def linear(self, i: int, mod: nn.Linear, x: Tensor) -> Tensor:
         w, b = mod.weight, mod.bias
@@ -129,16 +148,26 @@ class _Forward:
             or x.dtype != torch.float32
             or w.dtype != torch.float32
             or torch.is_autocast_enabled("cpu")
+            or not _same_hooks(
+                torch._C._autograd._top_saved_tensors_default_hooks(False), self.hooks
+            )
         ):
             return F.linear(x, w, b)
         self.uses[i] = self.uses.get(i, 0) + 1
         if self.counting:
             return F.linear(x, w, b)
         y = F.linear(x, w.detach(), b)
-        y.register_hook(functools.partial(self._hook, i, x.detach()))
+        kept = x.detach() if self.hooks is None else self.hooks[0](x.detach())
+        # on the product's node, not the tensor: the gradient after any hook on the output
+        node = y.grad_fn
+        assert node is not None  # the input or the bias wants a gradient
+        node.register_prehook(functools.partial(self._hook, i, kept))
+        self.nodes.append((i, node))
         return y
 
-    def _hook(self, i: int, x: Tensor, gy: Tensor) -> None:
+    def _hook(self, i: int, kept: Any, grad_outputs: tuple[Tensor, ...]) -> None:
+        x = kept if self.hooks is None else self.hooks[1](kept)
+        gy = grad_outputs[0]
         self.seen[i] = self.seen.get(i, 0) + 1
         leaf = self.leaves[i]
         if self.uses[i] == 1:
@@ -154,8 +183,16 @@ class _Forward:
             add_into(leaf, total, gy, x)
 
     def check_graph(self, out: Tensor) -> None:
-        """A fused weight must reach autograd through its hooks alone."""
-        if self.uses and _edges_into_leaves(out, {id(self.leaves[i]): i for i in self.uses}):
+        """A fused weight must reach autograd through its hooks alone; a call whose output
+        does not reach ``out`` adds nothing (its hook never runs)."""
+        reached: set[int] = set()
+        fused = {id(self.leaves[i]): i for i, _ in self.nodes}
+        edges = _edges_into_leaves(out, fused, reached)
+        self.uses = {}
+        for i, node in self.nodes:
+            if id(node) in reached:
+                self.uses[i] = self.uses.get(i, 0) + 1
+        if edges:
             raise ConfigError(
                 "a weight of an nn.Linear is used outside that layer in this stage's "
                 "forward, which its first forward did not do; turn fused accumulation off "
@@ -216,7 +253,7 @@ class FusedLinears:
         of their layer (another use: autograd sums them all, so they stay autograd's)."""
         if not record.counting:
             record.check_graph(out)
-            return record if record.uses else None
+            return record if record.nodes else None
         edges = _edges_into_leaves(out, {id(w): i for i, w in enumerate(record.leaves)})
         self.where = [(i, m) for i, m in self.where if edges.get(i, 0) == record.uses.get(i)]
         self.counted = True
