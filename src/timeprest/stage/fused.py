@@ -211,6 +211,7 @@ class FusedLinears:
 
     def __init__(self, slots: Sequence[Sequence[tuple[nn.Module, str]]], enabled: bool) -> None:
         self.where: list[tuple[int, nn.Linear]] = []
+        self.counted = False  # the first forward counts the uses (then some may go)
         if not enabled:
             return
         for i, places in enumerate(slots):
@@ -227,8 +228,6 @@ class FusedLinears:
                 and "forward" not in vars(mod)
             ):
                 self.where.append((i, mod))
-
-        self.counted = False  # the first forward counts the uses (then some may go)
 
     def __bool__(self) -> bool:
         return bool(self.where)
