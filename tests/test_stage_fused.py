@@ -279,3 +279,24 @@ def test_saved_activation_bytes_count_the_input_the_hook_keeps() -> None:
         pipe.train([(torch.randn(8, W), torch.randn(8, W))] * 3)
         peaks.append([s.peak_activation_bytes for s in pipe.report.stages])
     assert peaks[0] == peaks[1]
+
+
+@pytest.mark.parametrize("kind", [None, Skipping])
+def test_nothing_of_a_fused_forward_outlives_its_backward(
+    kind: type | None, fused_sums: list[bool]
+) -> None:
+    """A hook on a product's node holds its forward's record, which can hold the forward's
+    saved tensors and so its graph: left on, that cycle through autograd's C++ side kept
+    every forward alive (the process grew by its activations at every mini-batch)."""
+    import gc
+
+    torch.manual_seed(0)
+    stages = plain() if kind is None else [kind(), kind()]
+    for method in ("gpipe", "pipedream", "v-timeprest", "i-timeprest"):
+        pipe = pipeline(stages, method, len(ROWS))
+        pipe.train(data(3))
+        pipe.train(data(3))
+        gc.collect()
+        alive = [o for o in gc.get_objects() if isinstance(o, fused_module._Forward)]
+        assert not alive, method
+    assert any(fused_sums)

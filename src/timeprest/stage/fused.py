@@ -99,18 +99,19 @@ def _same_hooks(a: Any, b: Any) -> bool:
 
 
 def _edges_into_leaves(
-    out: Tensor, leaves: dict[int, int], seen: set[int] | None = None
+    out: Tensor, leaves: dict[int, int], seen: dict[int, Any] | None = None
 ) -> dict[int, int]:
     """Per leaf index (``leaves``: id -> index), the graph edges from ``out`` into it;
-    ``seen`` collects the ids of the nodes reached."""
+    ``seen`` collects the nodes reached, by id. It holds them: a node's Python object
+    lives only while referenced, and a new one could take a freed one's id."""
     edges: dict[int, int] = {}
-    seen = set() if seen is None else seen
+    seen = {} if seen is None else seen
     todo = [out.grad_fn] if out.grad_fn is not None else []
     while todo:
         node = todo.pop()
         if id(node) in seen:
             continue
-        seen.add(id(node))
+        seen[id(node)] = node
         for child, _ in node.next_functions:
             if child is None:
                 continue
@@ -131,6 +132,8 @@ class _Forward:
         self.nodes: list[tuple[int, Any]] = []  # (leaf index, the product's node) per call
         self.pending: dict[int, Tensor] = {}  # leaf index -> gradients summed so far
         self.seen: dict[int, int] = {}  # leaf index -> hooks fired
+        self.fused_any = False  # whether a call was fused (the nodes are let go after it)
+        self.handles: dict[int, Any] = {}  # id of a product's node -> its hook's handle
         # the saved-tensor hooks around the stage's forward (the runner's tokens, or none):
         # inside other ones (activation checkpointing) a layer stays autograd's, so that
         # what a replay saves matches; ours pack the input the hook keeps, as autograd
@@ -161,8 +164,9 @@ class _Forward:
         # on the product's node, not the tensor: the gradient after any hook on the output
         node = y.grad_fn
         assert node is not None  # the input or the bias wants a gradient
-        node.register_prehook(functools.partial(self._hook, i, kept))
+        handle = node.register_prehook(functools.partial(self._hook, i, kept))
         self.nodes.append((i, node))
+        self.handles[id(node)] = handle
         return y
 
     def _hook(self, i: int, kept: Any, grad_outputs: tuple[Tensor, ...]) -> None:
@@ -185,19 +189,37 @@ class _Forward:
     def check_graph(self, out: Tensor) -> None:
         """A fused weight must reach autograd through its hooks alone; a call whose output
         does not reach ``out`` adds nothing (its hook never runs)."""
-        reached: set[int] = set()
+        reached: dict[int, Any] = {}
         fused = {id(self.leaves[i]): i for i, _ in self.nodes}
         edges = _edges_into_leaves(out, fused, reached)
         self.uses = {}
         for i, node in self.nodes:
             if id(node) in reached:
                 self.uses[i] = self.uses.get(i, 0) + 1
+            else:  # its hook never runs
+                self.handles.pop(id(node)).remove()
+        self.release()
         if edges:
             raise ConfigError(
                 "a weight of an nn.Linear is used outside that layer in this stage's "
                 "forward, which its first forward did not do; turn fused accumulation off "
                 "(Pipeline(fused_accumulation=False))"
             )
+
+    def release(self) -> None:
+        """Let go of the products' nodes (after the forward)."""
+        self.fused_any = self.fused_any or bool(self.nodes)
+        self.nodes = []
+
+    def unhook(self) -> None:
+        """Take the hooks off the products' nodes (after the backward, or a failed
+        forward). A hook holds this record, and through the stage's saved-tensor hooks
+        the record can hold the forward's ``Saved`` and so its output and graph: a cycle
+        through autograd's C++ side that Python's collector cannot see, which kept every
+        such forward's tensors alive for good."""
+        for handle in self.handles.values():
+            handle.remove()
+        self.handles = {}
 
     def check_backward(self) -> None:
         if self.seen != self.uses or self.pending:
@@ -241,6 +263,10 @@ class FusedLinears:
             for i, mod in self.where:
                 mod.forward = functools.partial(record.linear, i, mod)  # type: ignore[method-assign]
             yield record
+        except BaseException:
+            record.release()  # a failed forward never reaches after() nor a backward
+            record.unhook()
+            raise
         finally:
             for _, mod in self.where:
                 vars(mod).pop("forward", None)
@@ -252,7 +278,7 @@ class FusedLinears:
         of their layer (another use: autograd sums them all, so they stay autograd's)."""
         if not record.counting:
             record.check_graph(out)
-            return record if record.nodes else None
+            return record if record.fused_any else None
         edges = _edges_into_leaves(out, {id(w): i for i, w in enumerate(record.leaves)})
         self.where = [(i, m) for i, m in self.where if edges.get(i, 0) == record.uses.get(i)]
         self.counted = True

@@ -404,6 +404,8 @@ class StageRunner:
             self._grads = [leaf.grad for leaf in leaves]
             dx = None if x is None else x.grad
         finally:  # the leaves must not keep the accumulators (nor a half-done sum)
+            if saved.fused is not None:
+                saved.fused.unhook()
             for leaf in leaves:
                 leaf.grad = None
             if x is not None:
