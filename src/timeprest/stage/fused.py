@@ -20,7 +20,8 @@ it needs is kept through the stage's saved-tensor hooks, as autograd would
 have saved it (so its bytes are counted); a layer run inside other
 saved-tensor hooks (activation checkpointing, whose replay must save what the
 forward saved) stays autograd's, and a call whose output does not reach the
-stage's output adds nothing.
+stage's output adds nothing. The hooks come off after the backward
+(:meth:`_Forward.unhook`): left on, they would keep the forward alive.
 Where the two ways agree is not assumed: the first sum of each kind (shapes,
 strides, alignment, dtype, threads) is done both ways and compared bitwise;
 only a kind that agreed is fused after (BLAS order does not depend on the
