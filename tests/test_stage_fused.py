@@ -140,8 +140,8 @@ def test_a_later_use_outside_the_layer_is_an_error() -> None:
         calls = 0
 
         def forward(self, x: torch.Tensor) -> torch.Tensor:
-            Sometimes.calls += 1
-            return self.lin(x) if Sometimes.calls == 1 else super().forward(x)
+            Sometimes.calls += 1  # the second forward (mini-batch 0, micro-batch 1) counts
+            return self.lin(x) if Sometimes.calls <= 2 else super().forward(x)
 
     torch.manual_seed(0)
     with pytest.raises(ConfigError, match="fused_accumulation=False"):
