@@ -52,7 +52,6 @@ from timeprest.schedule.builders import (
 from timeprest.schedule.costs import CostSpec, resolve_costs
 from timeprest.schedule.lower import Lowered, lower
 from timeprest.stage import LossFn, Minibatch, OptimizerFactory, StageRunner
-from timeprest.stage.fused import FusedLinears
 from timeprest.stage.replicas import replica_seed
 from timeprest.stage.sync import Tied, attach_update_rules
 
@@ -265,7 +264,7 @@ class Pipeline:
         for r in (r for rs in (self.runners, *self._replicas) for r in rs):
             r.distance_every = distance_every
             if not fused_accumulation:
-                r.fused = FusedLinears(r._slots, enabled=False)
+                r.fused.disable()
         self.report = Report(stages=[StageReport(s) for s in range(w)])
         for r in self.runners:
             self.report.stages[r.index] = r.report()

@@ -133,8 +133,8 @@ class _Forward:
         self.nodes: list[tuple[int, Any]] = []  # (leaf index, the product's node) per call
         self.pending: dict[int, Tensor] = {}  # leaf index -> gradients summed so far
         self.seen: dict[int, int] = {}  # leaf index -> hooks fired
-        self.fused_any = False  # whether a call was fused (the nodes are let go after it)
-        self.handles: dict[int, Any] = {}  # id of a product's node -> its hook's handle
+        # id of a product's node -> its hook's handle, while the hook can still run
+        self.handles: dict[int, Any] = {}
         # the saved-tensor hooks around the stage's forward (the runner's tokens, or none):
         # inside other ones (activation checkpointing) a layer stays autograd's, so that
         # what a replay saves matches; ours pack the input the hook keeps, as autograd
@@ -199,18 +199,13 @@ class _Forward:
                 self.uses[i] = self.uses.get(i, 0) + 1
             else:  # its hook never runs
                 self.handles.pop(id(node)).remove()
-        self.release()
+        self.nodes = []  # a node holds its hook, the hook this record: no cycle left behind
         if edges:
             raise ConfigError(
                 "a weight of an nn.Linear is used outside that layer in this stage's "
                 "forward, which its first forward did not do; turn fused accumulation off "
                 "(Pipeline(fused_accumulation=False))"
             )
-
-    def release(self) -> None:
-        """Let go of the products' nodes (after the forward)."""
-        self.fused_any = self.fused_any or bool(self.nodes)
-        self.nodes = []
 
     def unhook(self) -> None:
         """Take the hooks off the products' nodes (after the backward, or a failed
@@ -232,11 +227,9 @@ class _Forward:
 class FusedLinears:
     """The stage's ``nn.Linear`` weights that can be fused, found once from its slots."""
 
-    def __init__(self, slots: Sequence[Sequence[tuple[nn.Module, str]]], enabled: bool) -> None:
+    def __init__(self, slots: Sequence[Sequence[tuple[nn.Module, str]]]) -> None:
         self.where: list[tuple[int, nn.Linear]] = []
         self.counted = False  # the first forward counts the uses (then some may go)
-        if not enabled:
-            return
         for i, places in enumerate(slots):
             if len(places) != 1:
                 continue  # shared between modules: autograd's own sum
@@ -255,6 +248,10 @@ class FusedLinears:
     def __bool__(self) -> bool:
         return bool(self.where)
 
+    def disable(self) -> None:
+        """Fuse nothing (``Pipeline(fused_accumulation=False)``)."""
+        self.where = []
+
     @contextlib.contextmanager
     def forward(self, leaves: Sequence[Tensor]) -> Iterator[_Forward]:
         """The layers run fused while the block runs (the module's own forward after);
@@ -265,8 +262,7 @@ class FusedLinears:
                 mod.forward = functools.partial(record.linear, i, mod)  # type: ignore[method-assign]
             yield record
         except BaseException:
-            record.release()  # a failed forward never reaches after() nor a backward
-            record.unhook()
+            record.unhook()  # a failed forward never reaches after() nor a backward
             raise
         finally:
             for _, mod in self.where:
@@ -279,7 +275,7 @@ class FusedLinears:
         of their layer (another use: autograd sums them all, so they stay autograd's)."""
         if not record.counting:
             record.check_graph(out)
-            return record if record.fused_any else None
+            return record if record.handles else None
         edges = _edges_into_leaves(out, {id(w): i for i, w in enumerate(record.leaves)})
         self.where = [(i, m) for i, m in self.where if edges.get(i, 0) == record.uses.get(i)]
         self.counted = True

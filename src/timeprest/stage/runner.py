@@ -95,7 +95,7 @@ class StageRunner:
         # the weights each backward reads, built once per (action, forward version)
         self._backward = BackwardWeights(policy, self.store, self.remedies)
         # nn.Linear weight gradients added into the accumulators in the product (stage/fused.py)
-        self.fused = FusedLinears(self._slots, enabled=True)
+        self.fused = FusedLinears(self._slots)
         self.activation_bytes_live = 0
         self.peak_activation_bytes = 0
         self._checked_input = False
