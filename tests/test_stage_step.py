@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import itertools
 
 import pytest
@@ -84,25 +83,29 @@ def test_only_plain_sgd_is_stepped_out_of_place() -> None:
     assert sgd_into(torch.optim.SGD(ps, lr=0.1), ps, pool) is not None
 
 
-@pytest.mark.parametrize("method", ["pipedream", "i-timeprest", "pipedream-2bw", "v-timeprest"])
-def test_sgd_steps_train_the_same_as_torchs(monkeypatch, method) -> None:
-    # stashing updates (out of place, no copy) and the others (in place), against
-    # torch's own step after a copy
+def train_small(method: str, **sgd: float) -> tuple[list[float], list[torch.Tensor]]:
+    """Losses and final weights of a 3-stage tanh model trained with SGD(**sgd), N = 3."""
     torch.manual_seed(0)
     stages = [nn.Sequential(nn.Linear(6, 6), nn.Tanh()) for _ in range(3)]
     g = torch.Generator().manual_seed(3)
     batches = [(torch.randn(6, 6, generator=g), torch.randn(6, 6, generator=g)) for _ in range(7)]
+    pipe = timeprest.Pipeline(
+        stages,
+        method=method,
+        num_microbatches=3,
+        optimizer=lambda p: torch.optim.SGD(p, **sgd),
+        loss_fn=nn.functional.mse_loss,
+    )
+    losses = pipe.train(batches)
+    return losses, [p.detach().clone() for r in pipe.runners for p in r.params]
 
+
+@pytest.mark.parametrize("method", ["pipedream", "i-timeprest", "pipedream-2bw", "v-timeprest"])
+def test_sgd_steps_train_the_same_as_torchs(monkeypatch, method) -> None:
+    # stashing updates (out of place, no copy) and the others (in place), against
+    # torch's own step after a copy
     def run() -> tuple[list[float], list[torch.Tensor]]:
-        pipe = timeprest.Pipeline(
-            copy.deepcopy(stages),
-            method=method,
-            num_microbatches=3,
-            optimizer=lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9, weight_decay=1e-3),
-            loss_fn=nn.functional.mse_loss,
-        )
-        losses = pipe.train(batches)
-        return losses, [p.detach().clone() for r in pipe.runners for p in r.params]
+        return train_small(method, lr=0.05, momentum=0.9, weight_decay=1e-3)
 
     calls = []
     real = step_module.sgd_into
@@ -158,3 +161,74 @@ def test_a_plain_sgd_step_clears_every_gradient_of_the_optimizer(monkeypatch) ->
     )
     step(opt, ps)
     assert calls == [True]
+
+
+@pytest.mark.parametrize("settings", SETTINGS, ids=str)
+def test_a_stashing_step_may_write_into_the_spent_gradients(settings) -> None:
+    """With spend_grads, a step that is the gradient itself (plain SGD) writes the new
+    weights into the gradient, and the pool tensor it would have written goes; the others
+    take pool tensors as before. The numbers are torch's either way, and either way the
+    pool has one tensor fewer per parameter (not two)."""
+    ours, theirs = params(), params()
+    opt_ours = torch.optim.SGD(ours, lr=0.1, **settings)
+    opt_theirs = torch.optim.SGD(theirs, lr=0.1, **settings)
+    spends = settings["momentum"] == 0 and settings["weight_decay"] == 0
+    spends = spends and not settings["maximize"]
+    pool = BufferPool()
+    g = torch.Generator().manual_seed(1)
+    for step in range(3):
+        pool.give([torch.empty(5, 3) for _ in range(6)])  # as released versions would
+        grads = [torch.randn(5, 3, generator=g) for _ in range(3)]
+        for a, b, gr in zip(ours, theirs, grads):
+            a.grad, b.grad = gr, gr.clone()
+        fresh = sgd_into(opt_ours, ours, pool, spend_grads=True)
+        assert fresh is not None
+        assert [f is gr for f, gr in zip(fresh, grads)] == [spends] * 3
+        assert pool.bytes == 3 * 5 * 3 * 4 * (step + 1)  # one out per parameter
+        for p, f in zip(ours, fresh):
+            p.data = f
+        opt_theirs.step()
+        for a, b in zip(ours, theirs):
+            assert torch.equal(a, b), (step, settings)
+
+
+def test_a_gradient_laid_out_unlike_its_weight_is_not_spent() -> None:
+    ps = params()
+    opt = torch.optim.SGD(ps, lr=0.1)
+    grads = [torch.randn(3, 5).t() for _ in ps]  # transposed: other strides
+    for p, gr in zip(ps, grads):
+        p.grad = gr
+    fresh = sgd_into(opt, ps, BufferPool(), spend_grads=True)
+    assert fresh is not None and not any(f is gr for f, gr in zip(fresh, grads))
+
+
+@pytest.mark.parametrize(
+    ("method", "spends"),
+    [("pipedream", True), ("pipedream-2bw", True), ("i-timeprest", True), ("v-timeprest", False)],
+)
+def test_stashing_plain_sgd_trains_the_same_writing_into_its_gradients(
+    monkeypatch, method, spends
+) -> None:
+    """A stage's stashing updates with momentum-free SGD write the new weights into the
+    accumulated gradients: the same training as torch's step after a copy (v-timeprest
+    stashes nothing)."""
+
+    def run() -> tuple[list[float], list[torch.Tensor]]:
+        return train_small(method, lr=0.05)
+
+    spent = []
+    real = step_module.sgd_into
+
+    def counted(optimizer, ps, pool, spend_grads=False):
+        grads = [p.grad for p in ps]
+        out = real(optimizer, ps, pool, spend_grads)
+        spent.append(out is not None and any(o is gr for o, gr in zip(out, grads)))
+        return out
+
+    monkeypatch.setattr(step_module, "sgd_into", counted)
+    got = run()
+    assert any(spent) == spends  # the stashing updates wrote into their gradients
+    monkeypatch.setattr(step_module, "sgd_into", lambda *args: None)  # torch's step
+    want = run()
+    assert got[0] == want[0]
+    assert all(torch.equal(a, b) for a, b in zip(got[1], want[1]))

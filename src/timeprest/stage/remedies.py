@@ -145,6 +145,12 @@ class StageRemedies:
 
     # -- gradient corrections ------------------------------------------------------------
     @property
+    def reads_grads_after_step(self) -> bool:
+        """Whether :meth:`after_step` reads the step's gradients (weight prediction keeps
+        them, Gap-Aware measures the step with them)."""
+        return self.predicts or self.sq_steps is not None
+
+    @property
     def corrects(self) -> bool:
         return self.policy.correction.active
 
