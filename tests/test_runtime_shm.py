@@ -58,7 +58,10 @@ def _equal_worker(rank: int, world: int, tmp: str) -> None:
                 directory = engine._links.directory
                 out["dirs"].append(directory)
                 # mapped files are unlinked (an empty directory may be gone already)
-                left = os.listdir(directory) if os.path.exists(directory) else []
+                try:  # (another rank may remove it between a check and the listing)
+                    left = os.listdir(directory)
+                except FileNotFoundError:
+                    left = []
                 out[f"left/{method}"] = sorted(left)
             module = pipe.stages[rank]
             assert module is not None

@@ -99,10 +99,11 @@ class DistributedRuntime:
         self.shapes_in: dict[int, Spec] = {}
         self.shapes_out: dict[int, Spec] = {}
         self._transport: P2PTransport | ShmTransport | None = None
+        self._links: ShmLinks | None = None  # opened below; a failure before then has none
         # weight-sized tensors come and go at every micro-batch (a bad setting fails everywhere)
         self.agreed("the allocator's settings", keep_freed_memory)
         # the stage-to-stage transport, chosen and set up once per pipeline (RuntimeOptions)
-        self._links: ShmLinks | None = open_links(
+        self._links = open_links(
             self.options.transport, self.info.backend, self.layout, self.instance,
             self._all_gather, self.agreed, self.options.spin,
         )  # fmt: skip
