@@ -213,9 +213,6 @@ def test_stashing_plain_sgd_trains_the_same_writing_into_its_gradients(
     accumulated gradients: the same training as torch's step after a copy (v-timeprest
     stashes nothing)."""
 
-    def run() -> tuple[list[float], list[torch.Tensor]]:
-        return train_small(method, lr=0.05)
-
     spent = []
     real = step_module.sgd_into
 
@@ -226,9 +223,26 @@ def test_stashing_plain_sgd_trains_the_same_writing_into_its_gradients(
         return out
 
     monkeypatch.setattr(step_module, "sgd_into", counted)
-    got = run()
+    got = train_small(method, lr=0.05)
     assert any(spent) == spends  # the stashing updates wrote into their gradients
     monkeypatch.setattr(step_module, "sgd_into", lambda *args: None)  # torch's step
-    want = run()
+    want = train_small(method, lr=0.05)
     assert got[0] == want[0]
     assert all(torch.equal(a, b) for a, b in zip(got[1], want[1]))
+
+
+def test_gradients_sharing_storage_are_not_spent() -> None:
+    """Two gradients on one storage (not views: each laid out as its parameter, no base):
+    writing one parameter's new weights into its gradient would change the other's step,
+    so none is written into."""
+    ps = params()
+    flat = torch.randn(2 * 5 * 3)
+    grads = [torch.empty(0).set_(flat.untyped_storage(), k * 15, (5, 3), (3, 1)) for k in (0, 1)]
+    grads.append(torch.randn(5, 3))
+    assert all(g._base is None for g in grads)
+    want = [torch.add(p.detach(), g, alpha=-0.1) for p, g in zip(ps, grads)]
+    for p, gr in zip(ps, grads):
+        p.grad = gr
+    fresh = sgd_into(torch.optim.SGD(ps, lr=0.1), ps, BufferPool(), spend_grads=True)
+    assert fresh is not None and not any(f is gr for f, gr in zip(fresh, grads))
+    assert all(torch.equal(f, w) for f, w in zip(fresh, want))

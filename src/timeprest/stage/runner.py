@@ -488,19 +488,11 @@ class StageRunner:
                 self.clip_norm,
                 self.remedies,
                 self.store if stash else None,
-                spend_grads=self._spends_grads(stash, grads),
+                spend_grads=grads is self._grads,  # its own: nothing reads them after
             )
         self._grads = [None] * len(self.params)
         self.store.advance()
         self.store.observe()
-
-    def _spends_grads(self, stash: bool, grads: Grads) -> bool:
-        """Whether a stashing update may write the new weights into ``grads``: they are the
-        stage's own accumulators (no data-parallel sum or update group made them), and no
-        two share storage."""
-        if not stash or grads is not self._grads:
-            return False
-        return _distinct(grads)
 
     # -- figures -----------------------------------------------------------------
     def optimizer_state_bytes(self) -> int:
@@ -519,12 +511,3 @@ class StageRunner:
             extra_buffers=self.remedies.buffers,
             extra_buffer_bytes=self.remedies.buffer_bytes,
         )
-
-
-def _distinct(grads: Grads) -> bool:
-    """Whether ``grads`` are dense and no two share storage (an update may then write
-    into each)."""
-    if any(g is not None and g.layout != torch.strided for g in grads):
-        return False
-    ptrs = [g.untyped_storage().data_ptr() for g in grads if g is not None]
-    return len(set(ptrs)) == len(ptrs)

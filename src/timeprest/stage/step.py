@@ -45,8 +45,9 @@ def step_in_place(
     wrapper around ``Optimizer.step``, which costs as much as the step itself on small
     weights); any other optimizer by its own ``step``.
 
-    ``spend_grads``: ``grads`` are the caller's own, read by nothing after the step, so a
-    stashing plain SGD may write the new weights into them (:func:`sgd_into`).
+    ``spend_grads``: ``grads`` are the caller's own (no data-parallel sum or update group
+    made them), read by nothing after the step, so a stashing plain SGD may write the new
+    weights into them (:func:`sgd_into`).
     """
     for p, g in zip(params, grads):
         p.grad = g
@@ -121,7 +122,7 @@ def sgd_into(
     the parameters are updated in place, as torch's step does, and [] is returned.
 
     With ``pool`` and ``spend_grads`` (the gradients are the caller's, read by nothing
-    after the step), a parameter whose step is its gradient itself (no momentum, weight
+    after the step, dense, and no two sharing storage), a parameter whose step is its gradient itself (no momentum, weight
     decay or maximize), laid out as the parameter, gets its new weights written into
     that gradient instead, and the pool tensor it would have written goes (the pool
     gets the old version back when it is released, so it stays the size it was).
@@ -133,6 +134,7 @@ def sgd_into(
     groups = _plain_sgd_groups(optimizer, params)
     if groups is None:
         return None
+    spend_grads = spend_grads and pool is not None and _own_storages([p.grad for p in params])
     out: list[Tensor] = []
     with torch.no_grad():
         for p, group in zip(params, groups):
@@ -168,12 +170,19 @@ def sgd_into(
     return out
 
 
+def _own_storages(grads: Sequence[Tensor | None]) -> bool:
+    """Whether ``grads`` are dense and no two share storage (each may then be written)."""
+    if any(g is not None and g.layout != torch.strided for g in grads):
+        return False
+    ptrs = [g.untyped_storage().data_ptr() for g in grads if g is not None]
+    return len(set(ptrs)) == len(ptrs)
+
+
 def _same_layout(g: Tensor, w: Tensor) -> bool:
-    """Whether gradient ``g`` can hold ``w``'s next version: a dense tensor of its own
+    """Whether dense gradient ``g`` can hold ``w``'s next version: a tensor of its own
     storage, shaped, strided and typed as ``w``."""
     return (
-        g.layout == torch.strided
-        and g.dtype == w.dtype
+        g.dtype == w.dtype
         and g.device == w.device
         and g.shape == w.shape
         and g.stride() == w.stride()
