@@ -300,3 +300,33 @@ def test_nothing_of_a_fused_forward_outlives_its_backward(
         alive = [o for o in gc.get_objects() if isinstance(o, fused_module._Forward)]
         assert not alive, method
     assert any(fused_sums)
+
+
+def test_no_forward_waits_for_the_cycle_collector(fused_sums: list[bool]) -> None:
+    """With Python's collector off, a drained pipeline keeps no forward's record or saved
+    tensors: a fused record held the stage's saved-tensor hooks, whose closures hold the
+    forward's ``Saved``, which holds the record; only a full collection (rare with torch
+    loaded) freed that cycle, and with it the forward's weight version and graph."""
+    import gc
+
+    kinds = (fused_module._Forward, timeprest.stage.weights.Saved)
+
+    def records() -> set[int]:
+        return {id(o) for o in gc.get_objects() if type(o) in kinds}
+
+    stages = plain()
+    was_enabled = gc.isenabled()
+    gc.collect()
+    before = records()  # another test's pipeline may still be referenced
+    gc.disable()
+    try:
+        for method in ("i-timeprest", "pipedream-2bw", "timeprest", "pipemare"):
+            fused_sums.clear()
+            pipe = pipeline(stages, method, len(ROWS))
+            pipe.train(data(3))
+            assert any(fused_sums), method  # the fused path ran
+            assert not records() - before, method
+            del pipe
+    finally:
+        if was_enabled:
+            gc.enable()
