@@ -139,3 +139,34 @@ def test_an_optimizer_that_rebinds_data_trains_as_one_that_updates_in_place() ->
         )
         for a, b in zip(plain.runners, tokens.runners):
             assert all(torch.equal(p, q) for p, q in zip(a.params, b.params))
+
+
+def _alive(shape: tuple[int, ...]) -> int:
+    """Tensors of ``shape`` alive after a full collection."""
+    import gc
+
+    gc.collect()
+    return sum(
+        1 for o in gc.get_objects() if type(o) in (torch.Tensor, nn.Parameter) and o.shape == shape
+    )
+
+
+def test_a_failed_run_leaves_no_forward_behind() -> None:
+    """A forward whose backward never runs (the run failed first) is freed with its pipeline:
+    the tokens' closures hold the forward's record only weakly, and an activation is saved
+    detached, so no cycle through autograd's C++ side (which no collection frees) keeps
+    its graph and weights."""
+    torch.manual_seed(0)
+    stages = [nn.Sequential(nn.Linear(24, 23), nn.ReLU(), nn.Linear(23, 24)) for _ in range(2)]
+    good = (torch.randn(8, 24), torch.randn(8, 24))
+    bad = (torch.full((8, 24), float("nan")), torch.randn(8, 24))
+    before = _alive((23, 24))
+    for method in ("i-timeprest", "pipedream-2bw", "timeprest"):  # forwards with tokens
+        pipe = timeprest.Pipeline(
+            stages, method=method, num_microbatches=4, optimizer=sgd(0.01),
+            loss_fn=nn.functional.mse_loss,
+        )  # fmt: skip
+        with pytest.raises(timeprest.NonFiniteLossError):
+            pipe.train([good, good, bad, good, good])
+        del pipe
+        assert _alive((23, 24)) == before, method

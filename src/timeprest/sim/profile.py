@@ -60,7 +60,10 @@ def saved_bytes_hooks(
             if ptr not in skip and ptr not in seen:
                 seen.add(ptr)
                 total[0] += t.untyped_storage().nbytes()
-        return t
+        # detached: a saved output kept as itself would hold its own grad_fn, a cycle
+        # through autograd's C++ side that no collection frees when the graph is never
+        # backpropagated (this forward's is not); autograd re-attaches it when unpacking
+        return t.detach()
 
     def unpack(t: Tensor) -> Tensor:
         return t

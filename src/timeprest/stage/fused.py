@@ -141,7 +141,7 @@ class _Forward:
         # would have saved it (its bytes counted)
         self.hooks: tuple[Callable[[Tensor], Any], Callable[[Any], Tensor]] | None = (
             torch._C._autograd._top_saved_tensors_default_hooks(False)
-        )  # None: none (and, after :meth:`unhook`, gone)
+        )  # None: none
 
     def linear(self, i: int, mod: nn.Linear, x: Tensor) -> Tensor:
         w, b = mod.weight, mod.bias
@@ -214,16 +214,10 @@ class _Forward:
         forward). A hook holds this record, and through the stage's saved-tensor hooks
         the record can hold the forward's ``Saved`` and so its output and graph: a cycle
         through autograd's C++ side that Python's collector cannot see, which kept every
-        such forward's tensors alive for good.
-
-        The saved-tensor hooks go too: their closures hold the ``Saved`` that holds this
-        record, a cycle only a full collection finds, which is rare with torch loaded
-        (until one came, each such forward kept its weight version and graph: hundreds
-        of MB at 1024^2 weights under i-timeprest, pipedream-2bw or timeprest)."""
+        such forward's tensors alive for good."""
         for handle in self.handles.values():
             handle.remove()
         self.handles = {}
-        self.hooks = None
 
     def check_backward(self) -> None:
         if self.seen != self.uses or self.pending:

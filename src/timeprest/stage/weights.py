@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import weakref
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -156,6 +157,13 @@ def weight_tokens(
     # casts of predicted weights (computed from the leaves) are weight reads too
     node_index = {id(w.grad_fn): i for i, w in enumerate(reads or ()) if w.grad_fn is not None}
     counted: set[int] = set()
+    # the closures live in the graph, which ``saved`` holds (its output): a strong
+    # reference back would be a cycle through autograd's C++ side, which no collection
+    # frees when the backward never runs (a failed run); the runner holds ``saved``
+    # from the forward to the end of its backward, so the reference is alive whenever
+    # a hook runs
+    ref = weakref.ref(saved)
+    del saved
 
     def pack(t: Tensor) -> Any:
         ptr = t.untyped_storage().data_ptr() if t.numel() > 0 else 0
@@ -175,23 +183,29 @@ def weight_tokens(
                 return ("c", k, base.dtype, t.size(), t.stride(), offset)
         if ptr not in counted and ptr != 0:
             counted.add(ptr)
-            saved.activation_bytes += t.untyped_storage().nbytes()
-        return t
+            held = ref()
+            assert held is not None, "internal: a forward's record went before its forward"
+            held.activation_bytes += t.untyped_storage().nbytes()
+        # detached: a saved output kept as itself holds its own grad_fn, the same kind of
+        # cycle; autograd re-attaches the grad_fn when it unpacks
+        return t.detach()
 
     def unpack(p: Any) -> Tensor:
-        if isinstance(p, tuple) and p[0] == "b":
+        if not isinstance(p, tuple):
+            return p
+        if p[0] == "b":
             return p[1]
-        if isinstance(p, tuple) and p[0] == "c":
+        held = ref()
+        assert held is not None, "internal: a forward's record went before its backward"
+        if p[0] == "c":
             _, i, dtype, size, stride, off = p
-            cast = saved.casts.get((i, dtype))
+            cast = held.casts.get((i, dtype))
             if cast is None:
-                cast = saved.casts[(i, dtype)] = saved.backward_weights[i].to(dtype)
+                cast = held.casts[(i, dtype)] = held.backward_weights[i].to(dtype)
             return cast.as_strided(size, stride, cast.storage_offset() + off)
-        if isinstance(p, tuple):
-            _, i, size, stride, off = p
-            w = saved.backward_weights[i]
-            return w.as_strided(size, stride, w.storage_offset() + off)
-        return p
+        _, i, size, stride, off = p
+        w = held.backward_weights[i]
+        return w.as_strided(size, stride, w.storage_offset() + off)
 
     return pack, unpack
 
