@@ -427,6 +427,35 @@ def test_stage_without_parameters():
     assert len(losses) == 4 and pipe.version(1) == 4
 
 
+def _first_stage(kind: str) -> nn.Module:
+    """A first stage with nothing to train: no parameters, or frozen ones."""
+    if kind == "none":
+        return nn.Tanh()
+    torch.manual_seed(5)
+    return nn.Sequential(nn.Linear(4, 4), nn.Tanh()).double().requires_grad_(False)
+
+
+@pytest.mark.parametrize("kind", ["none", "frozen"])
+@pytest.mark.parametrize("method", ALL)
+def test_first_stage_with_nothing_to_train(method, kind):
+    """Its backward has nothing to compute (no weights, no input gradient to send): the
+    run trains the other stages, and a flush method equals plain SGD (it used to stop on
+    autograd's error for a backward without inputs, e.g. ``--model mlp`` with W = 4,
+    whose first stage is the Flatten)."""
+    batches = regression_batches(num=4)
+    ref = [_first_stage(kind), *tanh_mlp_stages(2)]
+    ref_losses = plain_sgd(ref, batches)
+    stages = [_first_stage(kind), *tanh_mlp_stages(2)]
+    frozen = [p.detach().clone() for p in stages[0].parameters()]
+    pipe = make_pipe(stages, method, 3)
+    losses = pipe.train(batches)
+    assert len(losses) == 4 and pipe.version(1) == 4
+    assert all(torch.equal(a, p) for a, p in zip(frozen, stages[0].parameters()))
+    if method in ("gpipe", "1f1b"):
+        assert losses == pytest.approx(ref_losses, rel=1e-12, abs=1e-12)
+        torch.testing.assert_close(flat(stages), flat(ref), rtol=1e-12, atol=1e-12)
+
+
 def test_lr_lambda_scales_each_update():
     # a per-update schedule equals plain SGD with the same per-step learning rates
     batches = regression_batches(num=5)

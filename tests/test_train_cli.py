@@ -422,3 +422,15 @@ def test_a_last_minibatch_too_short_for_the_replicas_is_refused_up_front(tmp_pat
     )  # fmt: skip
     assert_one_line_error(rc, err, "last mini-batch of each epoch has 1 rows")
     assert not (tmp_path / "run" / "minibatches.jsonl").exists()
+
+
+def test_mlp_with_its_flatten_alone_on_the_first_stage(tmp_path: Path) -> None:
+    """The mlp's first layer is its Flatten: a first stage of that alone has nothing to
+    train (the default split of ``--model mlp`` at W = 4 is 1,1,2,2 layers)."""
+    args = [a for a in BASE if a not in ("--balance", "params")]
+    args[args.index("--stages") + 1] = "4"
+    rc, out, err = train(*args, "--balance", "1,1,2,2", "--run-dir", str(tmp_path / "run"))
+    assert rc == 0, err
+    assert "layers per stage 1,1,2,2" in out
+    rows = jsonl(tmp_path / "run" / "epochs.jsonl")
+    assert len(rows) == 1 and rows[0]["weight_bytes"][0] == 0

@@ -348,7 +348,11 @@ class StageRunner:
         weights, transient, dist = self._backward.get(v, k, self.base_version, measure)
         self.store.observe(transient)
         want_dx = not self.is_first
-        if self.policy.grad_rule == "recompute":
+        grads: list[Tensor | None]
+        dx: Tensor | None
+        if not want_dx and not self.params:  # a first stage with nothing to train
+            grads, dx = [], None
+        elif self.policy.grad_rule == "recompute":
             grads, dx = self._recompute_grads(saved, weights, grad_out, t, j, want_dx)
         elif self.loss_scale == 1.0 and not (self.remedies.corrects and v != k):
             saved.backward_weights = weights
