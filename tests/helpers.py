@@ -53,6 +53,17 @@ def plain_sgd(stages, batches, lr=0.1, loss_fn=torch.nn.functional.mse_loss):
     return losses
 
 
+def alive_tensors(shape: tuple[int, ...]) -> int:
+    """Tensors (parameters too) of ``shape`` alive after a full collection: what a
+    reference cycle through autograd's C++ side keeps, which no collection frees."""
+    import gc
+
+    gc.collect()
+    return sum(
+        1 for o in gc.get_objects() if type(o) in (torch.Tensor, nn.Parameter) and o.shape == shape
+    )
+
+
 def flat(stages):
     return torch.cat([p.detach().reshape(-1) for m in stages for p in m.parameters()])
 

@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from helpers import alive_tensors
 from timeprest import Pipeline
 from timeprest.errors import ConfigError
 from timeprest.policy import METHODS, resolve
@@ -58,22 +59,16 @@ def test_profiling_keeps_nothing_of_its_copies():
     """The sizing forward is never backpropagated: its counting hooks save each tensor
     detached, or a saved output would hold its own graph in a cycle through autograd's
     C++ side, which no collection frees (every profile kept a copy of the model)."""
-    import gc
-
     from timeprest.sim.profile import profile_stages
-
-    def alive() -> int:
-        gc.collect()
-        return sum(1 for o in gc.get_objects() if type(o) is nn.Parameter and o.shape == (32, 32))
 
     stages = tiny_stages(3)
     x, y = torch.randn(16, 8), torch.randn(16, 4)
-    before = alive()
+    before = alive_tensors((32, 32))
     for method in (None, "i-timeprest"):
         profile_stages(
             stages, x, 4, sample_target=y, loss_fn=F.mse_loss, warmup=0, repeats=1, method=method
         )
-        assert alive() == before, method
+        assert alive_tensors((32, 32)) == before, method
 
 
 def test_profile_times_the_engine_path_or_the_layers_alone():

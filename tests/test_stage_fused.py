@@ -304,9 +304,10 @@ def test_nothing_of_a_fused_forward_outlives_its_backward(
 
 def test_no_forward_waits_for_the_cycle_collector(fused_sums: list[bool]) -> None:
     """With Python's collector off, a drained pipeline keeps no forward's record or saved
-    tensors: a fused record held the stage's saved-tensor hooks, whose closures hold the
-    forward's ``Saved``, which holds the record; only a full collection (rare with torch
-    loaded) freed that cycle, and with it the forward's weight version and graph."""
+    tensors: a fused record holds the stage's saved-tensor hooks, whose closures held the
+    forward's ``Saved`` (now weakly), which holds the record; only a full collection (rare
+    with torch loaded) freed that cycle, and with it the forward's weight version and
+    graph."""
     import gc
 
     kinds = (fused_module._Forward, timeprest.stage.weights.Saved)

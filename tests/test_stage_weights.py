@@ -8,7 +8,7 @@ from torch import nn
 
 import timeprest
 import timeprest.stage.runner as runner_module
-from helpers import regression_batches, sgd, tanh_mlp_stages
+from helpers import alive_tensors, regression_batches, sgd, tanh_mlp_stages
 from timeprest.stage.weights import Saved, call_with, parameter_slots, weight_tokens
 
 
@@ -141,16 +141,6 @@ def test_an_optimizer_that_rebinds_data_trains_as_one_that_updates_in_place() ->
             assert all(torch.equal(p, q) for p, q in zip(a.params, b.params))
 
 
-def _alive(shape: tuple[int, ...]) -> int:
-    """Tensors of ``shape`` alive after a full collection."""
-    import gc
-
-    gc.collect()
-    return sum(
-        1 for o in gc.get_objects() if type(o) in (torch.Tensor, nn.Parameter) and o.shape == shape
-    )
-
-
 def test_a_failed_run_leaves_no_forward_behind() -> None:
     """A forward whose backward never runs (the run failed first) is freed with its pipeline:
     the tokens' closures hold the forward's record only weakly, and an activation is saved
@@ -160,7 +150,7 @@ def test_a_failed_run_leaves_no_forward_behind() -> None:
     stages = [nn.Sequential(nn.Linear(24, 23), nn.ReLU(), nn.Linear(23, 24)) for _ in range(2)]
     good = (torch.randn(8, 24), torch.randn(8, 24))
     bad = (torch.full((8, 24), float("nan")), torch.randn(8, 24))
-    before = _alive((23, 24))
+    before = alive_tensors((23, 24))
     for method in ("i-timeprest", "pipedream-2bw", "timeprest"):  # forwards with tokens
         pipe = timeprest.Pipeline(
             stages, method=method, num_microbatches=4, optimizer=sgd(0.01),
@@ -169,4 +159,4 @@ def test_a_failed_run_leaves_no_forward_behind() -> None:
         with pytest.raises(timeprest.NonFiniteLossError):
             pipe.train([good, good, bad, good, good])
         del pipe
-        assert _alive((23, 24)) == before, method
+        assert alive_tensors((23, 24)) == before, method

@@ -46,7 +46,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
@@ -139,9 +139,7 @@ class _Forward:
         # inside other ones (activation checkpointing) a layer stays autograd's, so that
         # what a replay saves matches; ours pack the input the hook keeps, as autograd
         # would have saved it (its bytes counted)
-        self.hooks: tuple[Callable[[Tensor], Any], Callable[[Any], Tensor]] | None = (
-            torch._C._autograd._top_saved_tensors_default_hooks(False)
-        )  # None: none
+        self.hooks = torch._C._autograd._top_saved_tensors_default_hooks(False)
 
     def linear(self, i: int, mod: nn.Linear, x: Tensor) -> Tensor:
         w, b = mod.weight, mod.bias

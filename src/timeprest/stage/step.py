@@ -122,10 +122,11 @@ def sgd_into(
     the parameters are updated in place, as torch's step does, and [] is returned.
 
     With ``pool`` and ``spend_grads`` (the gradients are the caller's, read by nothing
-    after the step, dense, and no two sharing storage), a parameter whose step is its gradient itself (no momentum, weight
-    decay or maximize), laid out as the parameter, gets its new weights written into
-    that gradient instead, and the pool tensor it would have written goes (the pool
-    gets the old version back when it is released, so it stays the size it was).
+    after the step, dense, and no two sharing storage), a parameter whose step is its
+    gradient itself (no momentum, weight decay or maximize), laid out as the parameter,
+    gets its new weights written into that gradient instead, and the pool tensor it
+    would have written goes (the pool gets the old version back when it is released,
+    so it stays the size it was).
     Element by element the same sum; what it saves is memory traffic: a pool
     tensor was last touched long ago, so writing it first reads it into the cache,
     while the gradient has just been read (at 3 x 1024^2 weights, one thread: 0.45
