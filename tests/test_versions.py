@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from timeprest.versions import VersionStore, optimizer_state_bytes, tensor_bytes
+from timeprest.versions import VersionStore, optimizer_state_bytes, own_counter, tensor_bytes
 
 
 def test_a_stash_keeps_the_old_values_and_counts_its_bytes() -> None:
@@ -29,6 +29,21 @@ def test_a_stash_keeps_the_old_values_and_counts_its_bytes() -> None:
     assert store.peak_bytes == 64
     store.reset_peaks()
     assert store.peak_versions == 1 and store.peak_bytes == 32
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_own_counter_is_the_same_memory_under_its_own_version_counter(dtype: torch.dtype) -> None:
+    base = torch.arange(60.0).to(dtype).reshape(6, 10)
+    for w in (base, base[1:, 2:7], base.t()):  # offset and strided views too
+        alias = own_counter(w)
+        assert alias.dtype == w.dtype and alias.device == w.device
+        assert alias.shape == w.shape and alias.stride() == w.stride()
+        assert alias.storage_offset() == w.storage_offset()
+        assert alias.data_ptr() == w.data_ptr() and torch.equal(alias, w)
+        before = alias._version
+        w.add_(1)  # an update of the original is seen, but not counted, by the alias
+        assert torch.equal(alias, w) and alias._version == before
+        w.sub_(1)
 
 
 def test_optimizer_state_bytes() -> None:

@@ -91,17 +91,24 @@ def _plain_sgd_groups(
         return None
     if _optim._global_optimizer_pre_hooks or _optim._global_optimizer_post_hooks:
         return None
-    by_param: dict[int, dict[str, Any]] = {}
-    for group in optimizer.param_groups:
+    groups = optimizer.param_groups
+    for group in groups:
         if group.get("differentiable") or group.get("fused") or type(group["lr"]) is not float:
             return None
+    for p in params:
+        g = p.grad
+        if not p.is_cpu or (g is not None and (g.is_sparse or not g.is_cpu)):
+            return None
+    if len(groups) == 1:  # the stage's own optimizer(params): one group of exactly these
+        only = groups[0]["params"]
+        if len(only) == len(params) and all(a is b for a, b in zip(only, params)):
+            return [groups[0]] * len(params)
+    by_param: dict[int, dict[str, Any]] = {}
+    for group in groups:
         for p in group["params"]:
             by_param[id(p)] = group
-    for p in params:
-        if id(p) not in by_param or p.device.type != "cpu":
-            return None
-        if p.grad is not None and (p.grad.is_sparse or p.grad.device != p.device):
-            return None
+    if any(id(p) not in by_param for p in params):
+        return None
     return [by_param[id(p)] for p in params]
 
 
