@@ -566,6 +566,7 @@ def report(
         "rounds": args.rounds,
         "stages": stage_rows,
         "bound": statistics.median(points),
+        "bound_range": [min(points), max(points)],  # the machine's noise at this point
         "bound_alone": statistics.median(alone_bound),
         "load": [load, os.getloadavg()[0]],
         "methods": methods,
@@ -768,7 +769,7 @@ def grid(args: argparse.Namespace) -> None:
 def grid_summary(args: argparse.Namespace, results: list[dict[str, Any]]) -> None:
     fmt = _grid.fmt
     methods = [s for s in args.methods.split(",") if s]
-    header = ["width", "rows", "N", "bubble", "F+B ms", "F+B alone ms", "method"]
+    header = ["width", "rows", "N", "bubble", "F+B ms", "F+B alone ms", "bound spread", "method"]
     header += ["/ Schedule1F1B", "/ ScheduleGPipe", "/ bound", "/ bound alone", "steady / bound"]
     header += ["/ own bound", "steady / own", "work / F+B+U", "work / own", "sim / steady"]
     rows = []
@@ -776,13 +777,15 @@ def grid_summary(args: argparse.Namespace, results: list[dict[str, Any]]) -> Non
         fb = max(s["F"] + s["B"] for s in p["stages"]) * 1e3
         fb_alone = max(s["F_alone"] + s["B_alone"] for s in p["stages"]) * 1e3
         bubble = (W - 1) / (p["n"] + W - 1)
+        lo, hi = p.get("bound_range", (None, None))
+        spread = fmt(hi / lo) if lo else "-"
         for name in methods:
             r = p["methods"].get(name)
             if r is None:
                 continue
             rows.append(
                 [str(p["width"]), str(p["rows"]), str(p["n"]), fmt(bubble), fmt(fb, 1)]
-                + [fmt(fb_alone, 1), name, fmt(r["vs_1f1b"]), fmt(r["vs_gpipe"])]
+                + [fmt(fb_alone, 1), spread, name, fmt(r["vs_1f1b"]), fmt(r["vs_gpipe"])]
                 + [fmt(r["of_bound"]), fmt(r["of_alone"]), fmt(r.get("steady_of_bound"))]
                 + [fmt(r.get("of_own_bound")), fmt(r.get("steady_of_own"))]
                 + [fmt(r.get("work_of_fbu"))]
@@ -802,7 +805,9 @@ def grid_summary(args: argparse.Namespace, results: list[dict[str, Any]]) -> Non
         "interval against it; work / F+B+U: the larger "
         "stage's work per micro-batch in the run over its concurrent F + B + U x updates "
         "per micro-batch; work / own: over that own arithmetic; sim / steady: the simulator's time per mini-batch "
-        "over the measured steady one; bubble: Schedule1F1B's (W-1)/(N+W-1)"
+        "over the measured steady one; bubble: Schedule1F1B's (W-1)/(N+W-1); bound spread: "
+        "the largest over the smallest of the point's bound measurements (this machine's "
+        "noise there: ratios that differ from a target by less are no verdict)"
     )
     print(_grid.plain(header, rows))
     out = Path(args.out)
