@@ -11,6 +11,13 @@ same arithmetic without any of it. Both run interleaved over several rounds
 on copies of the same weights; the ratio engine / plain is reported per
 round and as a median.
 
+Two more plain loops split that ratio into its parts: the same loop over
+the stages as separate graphs (``PlainStages``: what cutting the model into
+stages costs by itself), and that loop run in the order the emulator runs
+the method's actions (``PlainOrdered``: what the method's order costs, for
+example a run of one stage's forwards against alternating stages; the
+engine against it is the engine's own cost with the order held equal).
+
 Run::
 
     python benchmarks/engine_overhead.py
@@ -45,6 +52,8 @@ from torch import Tensor, nn
 import timeprest
 from timeprest.errors import MultipleSequenceWarning
 from timeprest.policy.methods import METHODS
+from timeprest.schedule import build_schedule
+from timeprest.schedule.lower import lower
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _grid  # noqa: E402  (the grid shared with throughput.py)
@@ -107,10 +116,13 @@ class Plain:
 class PlainStages:
     """A plain loop over the stages as separate graphs, as any pipeline must run them: each
     stage's forward on the previous one's detached output, each stage's backward by its own
-    ``autograd.grad``, gradients accumulated by hand, one optimizer per stage (as every
-    stage of a pipeline has its own); no versions, hooks or schedule. The
-    engine's cost over this loop is the engine's own; this loop's over :class:`Plain` is
-    the cost of cutting the model into stages."""
+    ``autograd.backward`` with ``inputs`` (the call the engine makes), gradients added into
+    ``.grad`` by autograd, one optimizer per stage (as every stage of a pipeline has its
+    own); no versions, hooks or schedule. The engine's cost over this loop is the engine's
+    own; this loop's over :class:`Plain` is the cost of cutting the model into stages.
+
+    (Until the tenth grid this loop called ``autograd.grad`` and added the gradients by
+    hand: about 10 % slower at 256/16/8, which made the engine's own cost look smaller.)"""
 
     def __init__(self, stages: list[nn.Module], n: int) -> None:
         self.stages = copy.deepcopy(stages)
@@ -133,13 +145,105 @@ class PlainStages:
                 for s in reversed(range(len(self.stages))):
                     root = loss if grad is None else outputs[s]
                     want = self.params[s] + ([inputs[s]] if s > 0 else [])
-                    res = torch.autograd.grad(root, want, grad_outputs=grad)
-                    for p, g in zip(self.params[s], res):
-                        p.grad = g if p.grad is None else p.grad.add_(g)
-                    grad = res[-1] if s > 0 else None
+                    torch.autograd.backward(root, grad_tensors=grad, inputs=want)
+                    grad = inputs[s].grad if s > 0 else None
             for opt in self.opts:
                 opt.step()
                 opt.zero_grad(set_to_none=True)
+
+
+Computation = tuple[str, int, int, int | None]
+"""``(kind, stage, mini-batch, micro-batch)`` of one F, B or U (U: micro-batch None)."""
+
+
+def emulator_order(method: str, stages: int, n: int, count: int) -> list[Computation]:
+    """Every computation of ``count`` mini-batches of ``method``, in the order the emulator
+    runs them: each stage's lowered program as far as its messages have arrived, stage
+    after stage, round after round (what ``timeprest.engine.mailbox.drive`` does)."""
+    kind = METHODS[method].schedule
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", MultipleSequenceWarning)
+        programs = lower(build_schedule(kind, stages, n, count, warn=False)).programs
+    pos = [0] * len(programs)
+    sent: set[Any] = set()
+    order: list[Computation] = []
+    while any(i < len(ops) for i, ops in zip(pos, programs)):
+        progressed = False
+        for s, ops in enumerate(programs):
+            while pos[s] < len(ops):
+                op = ops[pos[s]]
+                if op.op == "recv" and op.message not in sent:
+                    break
+                if op.op == "send":
+                    sent.add(op.message)
+                elif op.op == "run":
+                    a = op.action
+                    order.append((a.kind, s, a.minibatch, op.microbatch))
+                pos[s] += 1
+                progressed = True
+        if not progressed:
+            raise RuntimeError(f"{method}: the lowered programs deadlock")  # a schedule bug
+    return order
+
+
+class PlainOrdered(PlainStages):
+    """The per-stage plain loop, with every F, B and U run in the order the emulator runs
+    the method's (:func:`emulator_order`) and no version bookkeeping: what the method's
+    order costs by itself. (Its numbers are not the method's: a backward reads the
+    weights its forward read, whatever the method's policy.) At the small shapes the order matters: alternating between the
+    stages' weights misses in the cache where a run of one stage's forwards does not."""
+
+    def __init__(self, stages: list[nn.Module], n: int, method: str, count: int) -> None:
+        super().__init__(stages, n)
+        self.order = emulator_order(method, len(stages), n, count)
+        self.count = count
+
+    def __call__(self, batches: list[tuple[Tensor, Tensor]]) -> None:
+        assert len(batches) == self.count, "built for another number of mini-batches"
+        last = len(self.stages) - 1
+        split = [
+            (torch.tensor_split(x, self.n), torch.tensor_split(y, self.n), x.shape[0])
+            for x, y in batches
+        ]
+        inputs: dict[tuple[int, int, int], Tensor] = {}
+        outputs: dict[tuple[int, int, int], Tensor] = {}
+        grads: dict[tuple[int, int, int], Tensor] = {}
+        for kind, s, t, j in self.order:
+            if kind == "U":
+                self._update(s, live=any(k[0] == s for k in outputs))
+                continue
+            assert j is not None
+            key = (s, t, j)
+            if kind == "F":
+                xs, ys, rows = split[t]
+                h_in = xs[j].clone() if s == 0 else outputs[(s - 1, t, j)].detach()
+                h = self.stages[s](h_in.requires_grad_(s > 0))
+                if s == last:
+                    h = nn.functional.mse_loss(h, ys[j].clone()) * (xs[j].shape[0] / rows)
+                    float(h.detach())
+                inputs[key], outputs[key] = h_in, h
+            else:
+                h_in, out = inputs.pop(key), outputs.pop(key)
+                want = self.params[s] + ([h_in] if s > 0 else [])
+                torch.autograd.backward(out, grad_tensors=grads.pop(key, None), inputs=want)
+                if s > 0:
+                    grads[(s - 1, t, j)] = h_in.grad  # type: ignore[assignment]
+
+    def _update(self, s: int, live: bool) -> None:
+        """Stage s's SGD step; under a live graph (a forward whose backward comes after this
+        update) out of place: the new weights go to new memory and the graph keeps the
+        old ones, the least weight stashing costs (no copy)."""
+        opt = self.opts[s]
+        if not live:
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            return
+        lr = opt.param_groups[0]["lr"]
+        with torch.no_grad():
+            for p in self.params[s]:
+                if p.grad is not None:
+                    p.data = torch.add(p.detach(), p.grad, alpha=-lr)
+                    p.grad = None
 
 
 class Engine:
@@ -183,6 +287,7 @@ def measure(args: argparse.Namespace, methods: list[str]) -> dict[str, list[floa
         batches = data(n)
         runs[f"plain/{method}"] = (Plain(base, n), batches)
         runs[f"stages/{method}"] = (PlainStages(base, n), batches)
+        runs[f"ordered/{method}"] = (PlainOrdered(base, n, method, len(batches)), batches)
         runs[method] = (Engine(base, n, method), batches)
     for fn, batches in runs.values():  # warm-up: allocator, first calls, the schedule
         fn(batches)
@@ -222,20 +327,28 @@ def main() -> None:
     )
     print(
         "ratio: engine / plain loop (one graph); per-stage: engine / a plain loop over the "
-        "stages as separate graphs (the engine's own cost)"
+        "stages as separate graphs; cut: that loop / the one-graph loop (what cutting the "
+        "model into stages costs by itself); ordered: engine / that loop run in the order the "
+        "emulator runs the method's actions (the engine's own cost, the order held equal); "
+        "order: the ordered loop / the per-stage loop (what the method's order costs)"
     )
     print(
         f"{'method':<14}{'plain ms/mb':>12}{'engine ms/mb':>14}{'ratio':>8}{'per-stage':>11}"
-        "  ratio per round"
+        f"{'cut':>7}{'ordered':>9}{'order':>7}  ratio per round"
     )
     for method in methods:
         p, e = times[f"plain/{method}"], times[method]
         ratios = [b / a for a, b in zip(p, e)]
         staged = [b / a for a, b in zip(times[f"stages/{method}"], e)]
+        cut = [b / a for a, b in zip(p, times[f"stages/{method}"])]
+        ordered = [b / a for a, b in zip(times[f"ordered/{method}"], e)]
+        order = [b / a for a, b in zip(times[f"stages/{method}"], times[f"ordered/{method}"])]
         print(
             f"{method:<14}{statistics.median(p) / micro * 1e3:>12.2f}"
             f"{statistics.median(e) / micro * 1e3:>14.2f}{statistics.median(ratios):>8.3f}"
-            f"{statistics.median(staged):>11.3f}  " + " ".join(f"{r:.3f}" for r in ratios)
+            f"{statistics.median(staged):>11.3f}{statistics.median(cut):>7.3f}"
+            f"{statistics.median(ordered):>9.3f}{statistics.median(order):>7.3f}  "
+            + " ".join(f"{r:.3f}" for r in ratios)
         )
 
 
@@ -253,6 +366,9 @@ def grid(args: argparse.Namespace, methods: list[str]) -> None:
     stage_header = ["width", "rows", "N", *methods]
     rows: list[list[str]] = []
     stage_rows: list[list[str]] = []
+    cut_rows: list[list[str]] = []
+    ordered_rows: list[list[str]] = []
+    order_rows: list[list[str]] = []
     for i in chosen:
         point = _grid.GRID[i]
         a = copy.copy(args)
@@ -264,15 +380,24 @@ def grid(args: argparse.Namespace, methods: list[str]) -> None:
         started = time.perf_counter()
         times = measure(a, methods)
         micro = a.minibatches * a.microbatches
-        cells, staged_cells = [], []
+        cells, staged_cells, cut_cells, ordered_cells, order_cells = [], [], [], [], []
         for method in methods:
             ratios = [e / p for p, e in zip(times[f"plain/{method}"], times[method])]
             cells.append(f"{statistics.median(ratios):.2f} ({min(ratios):.2f}-{max(ratios):.2f})")
             staged = [e / p for p, e in zip(times[f"stages/{method}"], times[method])]
             staged_cells.append(f"{statistics.median(staged):.2f}")
+            cut = [s / p for p, s in zip(times[f"plain/{method}"], times[f"stages/{method}"])]
+            cut_cells.append(f"{statistics.median(cut):.2f}")
+            ordered = [e / o for o, e in zip(times[f"ordered/{method}"], times[method])]
+            ordered_cells.append(f"{statistics.median(ordered):.2f}")
+            order = [o / s for s, o in zip(times[f"stages/{method}"], times[f"ordered/{method}"])]
+            order_cells.append(f"{statistics.median(order):.2f}")
         plain_ms = statistics.median(times[f"plain/{methods[0]}"]) / micro * 1e3
         rows.append([str(point.width), str(point.rows), str(point.n), f"{plain_ms:.2f}", *cells])
         stage_rows.append([str(point.width), str(point.rows), str(point.n), *staged_cells])
+        cut_rows.append([str(point.width), str(point.rows), str(point.n), *cut_cells])
+        ordered_rows.append([str(point.width), str(point.rows), str(point.n), *ordered_cells])
+        order_rows.append([str(point.width), str(point.rows), str(point.n), *order_cells])
         print(
             f"point {i}: width {point.width}, {point.rows} rows, N = {point.n}, "
             f"{micro} micro-batches per run ({time.perf_counter() - started:.0f} s): "
@@ -283,6 +408,12 @@ def grid(args: argparse.Namespace, methods: list[str]) -> None:
     print(_grid.plain(header, rows))
     print("\nengine / a plain loop over the stages as separate graphs (median of rounds):")
     print(_grid.plain(stage_header, stage_rows))
+    print("\nthe per-stage loop / the one-graph loop (the cut by itself; median of rounds):")
+    print(_grid.plain(stage_header, cut_rows))
+    print("\nengine / the per-stage loop in the emulator's order (the engine's own cost):")
+    print(_grid.plain(stage_header, ordered_rows))
+    print("\nthe per-stage loop in the emulator's order / in per-micro-batch order:")
+    print(_grid.plain(stage_header, order_rows))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "engine-grid.md").write_text(
@@ -290,7 +421,19 @@ def grid(args: argparse.Namespace, methods: list[str]) -> None:
         "Engine / plain loop (one graph), median of per-round ratios (min-max):\n\n"
         + _grid.markdown(header, rows)
         + "\n\nEngine / a plain loop over the stages as separate graphs (the engine's own "
-        "cost; median of per-round ratios):\n\n" + _grid.markdown(stage_header, stage_rows)
+        "cost; median of per-round ratios):\n\n"
+        + _grid.markdown(stage_header, stage_rows)
+        + "\n\nThe plain loop over separate stage graphs / the one-graph loop (what cutting the "
+        "model into stages costs by itself, with each method's N; median of per-round "
+        "ratios):\n\n"
+        + _grid.markdown(stage_header, cut_rows)
+        + "\n\nEngine / the per-stage loop run in the order the emulator runs the method's "
+        "actions, no version bookkeeping (the engine's own cost with the order held equal; "
+        "median of per-round ratios):\n\n"
+        + _grid.markdown(stage_header, ordered_rows)
+        + "\n\nThe per-stage loop in the emulator's order / the same loop in per-micro-batch "
+        "order (what the method's order costs by itself; median of per-round ratios):\n\n"
+        + _grid.markdown(stage_header, order_rows)
     )
     print(f"wrote {out / 'engine-grid.md'}")
 
