@@ -57,8 +57,11 @@ point's cost), prints each point's tables and then a summary: per method
 and point the ratio to ``Schedule1F1B``, to the concurrent bound (both
 processes computing F + B + U at once, no communication) and to the bound
 alone (each process timing its stage while the other waits), and the
-simulator's prediction over the steady measured time; it writes the
-summary as markdown and a PNG of the ratios into ``--out``.
+simulator's prediction over the steady measured time, then the grid read
+against issue 11's targets (how many cells meet each, and the misses); it
+writes the summary as markdown, the raw figures as JSON and a PNG of the
+ratios into ``--out``. ``--targets DIR/throughput-grid.json`` reads a saved
+grid against the targets again without running anything.
 
 Every method trains its own copy of the same initial weights on the same
 batches; samples/s = samples / wall time of rank 0 between two barriers.
@@ -139,6 +142,13 @@ def parse() -> argparse.Namespace:
         dest="fused",
         action="store_false",
         help="our runtime with Pipeline(fused_accumulation=False) (for the A/B)",
+    )
+    p.add_argument(
+        "--targets",
+        default="",
+        metavar="JSON",
+        help="only read a saved grid (its throughput-grid.json) against issue 11's targets "
+        "and print that; runs nothing",
     )
     p.add_argument("--result", default="", help=argparse.SUPPRESS)  # rank 0's summary (JSON)
     args = p.parse_args()
@@ -766,6 +776,79 @@ def grid(args: argparse.Namespace) -> None:
     grid_summary(args, results)
 
 
+ASYNC = ("pipedream", "v-timeprest", "i-timeprest")
+"""The methods the bound and work targets are about."""
+
+
+def targets(results: list[dict[str, Any]]) -> list[str]:
+    """A grid read against issue 11's targets: per target, the cells that meet it out of
+    those it applies to, and the misses. The bound and work targets apply to the
+    asynchronous methods where one micro-batch's F + B takes >= 5 ms; each is also read
+    against the method's own arithmetic (backwards that add into the gradients, its share
+    of the update), and ``own / bound`` is that arithmetic's bound over the F + B bound:
+    the most of the F + B bound a run can reach without doing less arithmetic."""
+    checks: dict[str, tuple[str, list[str]]] = {}
+    met: dict[str, int] = {}
+
+    def check(key: str, text: str, ok: bool, cell: str) -> None:
+        checks.setdefault(key, (text, []))
+        met[key] = met.get(key, 0) + ok
+        checks[key][1].append("" if ok else cell)
+
+    def at(name: str, tag: str, v: float) -> str:
+        return f"{name} at {tag} {v:.2f}"
+
+    for p in results:
+        tag = f"{p['width']}/{p['rows']}/{p['n']}"
+        big = max(s["F"] + s["B"] for s in p["stages"]) >= 5e-3
+        bubble = (W - 1) / (p["n"] + W - 1)
+        for name, r in p["methods"].items():
+            if name.startswith("torch"):
+                continue
+            if r.get("pred_steady") is not None:
+                v = r["pred_steady"]
+                check(
+                    "sim",
+                    "simulator within 15 % (sim / steady)",
+                    abs(v - 1) <= 0.15,
+                    at(name, tag, v),
+                )
+            if name not in ASYNC:
+                continue
+            if r.get("vs_1f1b") is not None:
+                v = r["vs_1f1b"]
+                check("1f1b", "never below Schedule1F1B", v >= 1.0, at(name, tag, v))
+                if bubble >= 1 / 3 - 1e-9:
+                    check(
+                        "bubble",
+                        ">= 1.1x Schedule1F1B where its bubble >= 1/3",
+                        v >= 1.1,
+                        at(name, tag, v),
+                    )
+            if big and r.get("steady_of_bound") is not None:
+                v = r["steady_of_bound"]
+                check("bound", ">= 0.95 of the F + B bound (steady)", v >= 0.95, at(name, tag, v))
+                v = r["steady_of_own"]
+                check("own", "  the same against the own arithmetic", v >= 0.95, at(name, tag, v))
+                v = r["of_bound"] / r["of_own_bound"]
+                check("ceiling", "  own / bound >= 0.95 (reachable)", v >= 0.95, at(name, tag, v))
+                v = r["work_of_fbu"]
+                check("work", "work <= 1.05x the concurrent F + B + U", v <= 1.05, at(name, tag, v))
+                v = r["work_of_own"]
+                check(
+                    "work_own", "  the same against the own arithmetic", v <= 1.05, at(name, tag, v)
+                )
+    lines = []
+    order = ("1f1b", "bubble", "bound", "own", "ceiling", "work", "work_own", "sim")
+    for key in (k for k in order if k in checks):
+        text, cells = checks[key]
+        misses = [c for c in cells if c]
+        lines.append(f"{text}: {met[key]} of {len(cells)}")
+        if misses:
+            lines.append("    misses: " + "; ".join(misses))
+    return lines
+
+
 def grid_summary(args: argparse.Namespace, results: list[dict[str, Any]]) -> None:
     fmt = _grid.fmt
     methods = [s for s in args.methods.split(",") if s]
@@ -810,6 +893,9 @@ def grid_summary(args: argparse.Namespace, results: list[dict[str, Any]]) -> Non
         "noise there: ratios that differ from a target by less are no verdict)"
     )
     print(_grid.plain(header, rows))
+    reading = targets(results)
+    print("\n== against issue 11's targets (F + B >= 5 ms for the bound and work) ==")
+    print("\n".join(reading))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "throughput-grid.json").write_text(json.dumps(results, indent=1))
@@ -817,6 +903,9 @@ def grid_summary(args: argparse.Namespace, results: list[dict[str, Any]]) -> Non
         f"{_grid.environment(args.threads)}\n\n"
         + f"command: `python {' '.join(sys.argv)}`\n\n"
         + _grid.markdown(header, rows)
+        + "\n\nAgainst issue 11's targets:\n\n"
+        + "\n".join(" " * (len(ln) - len(ln.lstrip())) + f"- {ln.strip()}" for ln in reading)
+        + "\n"
     )
     plot(results, methods, out / "throughput-grid.png")
     print(f"wrote {out / 'throughput-grid.md'}, {out / 'throughput-grid.png'}")
@@ -858,6 +947,15 @@ def plot(results: list[dict[str, Any]], methods: list[str], path: Path) -> None:
 
 def main() -> None:
     args = parse()
+    if args.targets:
+        try:
+            results = json.loads(Path(args.targets).read_text())
+            reading = targets(results)
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise SystemExit(f"--targets {args.targets}: not a saved grid ({exc})") from None
+        print(f"== {args.targets} against issue 11's targets ==")
+        print("\n".join(reading))
+        return
     if args.grid:
         grid(args)
         return
