@@ -50,10 +50,13 @@ import torch
 from torch import Tensor, nn
 
 import timeprest
+from timeprest.engine.executor import StageExecutor
+from timeprest.engine.mailbox import CheckingMailbox, drive
 from timeprest.errors import MultipleSequenceWarning
 from timeprest.policy.methods import METHODS
 from timeprest.schedule import build_schedule
 from timeprest.schedule.lower import lower
+from timeprest.stage import NoBatches
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _grid  # noqa: E402  (the grid shared with throughput.py)
@@ -156,33 +159,53 @@ Computation = tuple[str, int, int, int | None]
 """``(kind, stage, mini-batch, micro-batch)`` of one F, B or U (U: micro-batch None)."""
 
 
+class _Recorder:
+    """Stands in for a stage's runner under the emulator's own executor and drive: it
+    computes nothing and records the computations it is asked for, in order."""
+
+    action_times = None  # the executor times receives only when asked
+
+    def __init__(self, index: int, order: list[Computation]) -> None:
+        self.index = index
+        self.order = order
+        self._token = torch.empty(0)  # what its sends carry
+
+    def update_ready(self, t: int) -> bool:
+        return True
+
+    def begin_action(self, index: int, action: Any) -> None:
+        pass
+
+    def end_action(self, index: int, action: Any) -> None:
+        pass
+
+    def forward(self, t: int, j: int, received: Any, batches: Any) -> Tensor:
+        self.order.append(("F", self.index, t, j))
+        return self._token
+
+    def backward(self, t: int, j: int, grad: Any) -> Tensor:
+        self.order.append(("B", self.index, t, j))
+        return self._token
+
+    def update(self, index: int, t: int) -> None:
+        self.order.append(("U", self.index, t, None))
+
+
 def emulator_order(method: str, stages: int, n: int, count: int) -> list[Computation]:
     """Every computation of ``count`` mini-batches of ``method``, in the order the emulator
-    runs them: each stage's lowered program as far as its messages have arrived, stage
-    after stage, round after round (what ``timeprest.engine.mailbox.drive`` does)."""
+    runs them: its lowered programs through its own executor and drive, on runners that
+    only record."""
     kind = METHODS[method].schedule
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", MultipleSequenceWarning)
-        programs = lower(build_schedule(kind, stages, n, count, warn=False)).programs
-    pos = [0] * len(programs)
-    sent: set[Any] = set()
+        lowered = lower(build_schedule(kind, stages, n, count, warn=False))
     order: list[Computation] = []
-    while any(i < len(ops) for i, ops in zip(pos, programs)):
-        progressed = False
-        for s, ops in enumerate(programs):
-            while pos[s] < len(ops):
-                op = ops[pos[s]]
-                if op.op == "recv" and op.message not in sent:
-                    break
-                if op.op == "send":
-                    sent.add(op.message)
-                elif op.op == "run":
-                    a = op.action
-                    order.append((a.kind, s, a.minibatch, op.microbatch))
-                pos[s] += 1
-                progressed = True
-        if not progressed:
-            raise RuntimeError(f"{method}: the lowered programs deadlock")  # a schedule bug
+    mailbox = CheckingMailbox(lowered.schedule.backward_unit)
+    executors = [
+        StageExecutor(ops, _Recorder(s, order), mailbox, NoBatches())  # type: ignore[arg-type]
+        for s, ops in enumerate(lowered.programs)
+    ]
+    drive(executors, [mailbox])
     return order
 
 
@@ -190,8 +213,9 @@ class PlainOrdered(PlainStages):
     """The per-stage plain loop, with every F, B and U run in the order the emulator runs
     the method's (:func:`emulator_order`) and no version bookkeeping: what the method's
     order costs by itself. (Its numbers are not the method's: a backward reads the
-    weights its forward read, whatever the method's policy.) At the small shapes the order matters: alternating between the
-    stages' weights misses in the cache where a run of one stage's forwards does not."""
+    weights its forward read, whatever the method's policy.) At the small shapes the
+    order matters: alternating between the stages' weights misses in the cache where a
+    run of one stage's forwards does not."""
 
     def __init__(self, stages: list[nn.Module], n: int, method: str, count: int) -> None:
         super().__init__(stages, n)
@@ -300,6 +324,53 @@ def measure(args: argparse.Namespace, methods: list[str]) -> dict[str, list[floa
     return times
 
 
+RATIOS: dict[str, tuple[str, str]] = {
+    "ratio": ("", "plain/"),
+    "per-stage": ("", "stages/"),
+    "cut": ("stages/", "plain/"),
+    "ordered": ("", "ordered/"),
+    "order": ("ordered/", "stages/"),
+}
+"""Each reported ratio as (run over, run under), by the prefix of :func:`measure`'s keys
+(the empty prefix is the engine)."""
+
+BREAKDOWNS = (
+    (
+        "per-stage",
+        "engine / a plain loop over the stages as separate graphs (median of rounds):",
+        "Engine / a plain loop over the stages as separate graphs (the engine's own cost; "
+        "median of per-round ratios):",
+    ),
+    (
+        "cut",
+        "the per-stage loop / the one-graph loop (the cut by itself; median of rounds):",
+        "The plain loop over separate stage graphs / the one-graph loop (what cutting the "
+        "model into stages costs by itself, with each method's N; median of per-round "
+        "ratios):",
+    ),
+    (
+        "ordered",
+        "engine / the per-stage loop in the emulator's order (the engine's own cost):",
+        "Engine / the per-stage loop run in the order the emulator runs the method's "
+        "actions, no version bookkeeping (the engine's own cost with the order held equal; "
+        "median of per-round ratios):",
+    ),
+    (
+        "order",
+        "the per-stage loop in the emulator's order / in per-micro-batch order:",
+        "The per-stage loop in the emulator's order / the same loop in per-micro-batch "
+        "order (what the method's order costs by itself; median of per-round ratios):",
+    ),
+)
+"""The grid's tables after the first: the ratio, its title printed and in markdown."""
+
+
+def per_round(times: dict[str, list[float]], method: str, ratio: str) -> list[float]:
+    """One of :data:`RATIOS` for ``method``, round by round."""
+    over, under = RATIOS[ratio]
+    return [a / b for a, b in zip(times[over + method], times[under + method])]
+
+
 def main() -> None:
     args = parse()
     torch.set_num_threads(args.threads)
@@ -338,17 +409,12 @@ def main() -> None:
     )
     for method in methods:
         p, e = times[f"plain/{method}"], times[method]
-        ratios = [b / a for a, b in zip(p, e)]
-        staged = [b / a for a, b in zip(times[f"stages/{method}"], e)]
-        cut = [b / a for a, b in zip(p, times[f"stages/{method}"])]
-        ordered = [b / a for a, b in zip(times[f"ordered/{method}"], e)]
-        order = [b / a for a, b in zip(times[f"stages/{method}"], times[f"ordered/{method}"])]
+        r = {name: statistics.median(per_round(times, method, name)) for name in RATIOS}
         print(
             f"{method:<14}{statistics.median(p) / micro * 1e3:>12.2f}"
-            f"{statistics.median(e) / micro * 1e3:>14.2f}{statistics.median(ratios):>8.3f}"
-            f"{statistics.median(staged):>11.3f}{statistics.median(cut):>7.3f}"
-            f"{statistics.median(ordered):>9.3f}{statistics.median(order):>7.3f}  "
-            + " ".join(f"{r:.3f}" for r in ratios)
+            f"{statistics.median(e) / micro * 1e3:>14.2f}{r['ratio']:>8.3f}"
+            f"{r['per-stage']:>11.3f}{r['cut']:>7.3f}{r['ordered']:>9.3f}{r['order']:>7.3f}  "
+            + " ".join(f"{x:.3f}" for x in per_round(times, method, "ratio"))
         )
 
 
@@ -365,10 +431,7 @@ def grid(args: argparse.Namespace, methods: list[str]) -> None:
     header = ["width", "rows", "N", f"plain ms/mb ({methods[0]})", *methods]
     stage_header = ["width", "rows", "N", *methods]
     rows: list[list[str]] = []
-    stage_rows: list[list[str]] = []
-    cut_rows: list[list[str]] = []
-    ordered_rows: list[list[str]] = []
-    order_rows: list[list[str]] = []
+    tables: dict[str, list[list[str]]] = {name: [] for name, _, _ in BREAKDOWNS}
     for i in chosen:
         point = _grid.GRID[i]
         a = copy.copy(args)
@@ -380,24 +443,16 @@ def grid(args: argparse.Namespace, methods: list[str]) -> None:
         started = time.perf_counter()
         times = measure(a, methods)
         micro = a.minibatches * a.microbatches
-        cells, staged_cells, cut_cells, ordered_cells, order_cells = [], [], [], [], []
+        cells = []
         for method in methods:
-            ratios = [e / p for p, e in zip(times[f"plain/{method}"], times[method])]
+            ratios = per_round(times, method, "ratio")
             cells.append(f"{statistics.median(ratios):.2f} ({min(ratios):.2f}-{max(ratios):.2f})")
-            staged = [e / p for p, e in zip(times[f"stages/{method}"], times[method])]
-            staged_cells.append(f"{statistics.median(staged):.2f}")
-            cut = [s / p for p, s in zip(times[f"plain/{method}"], times[f"stages/{method}"])]
-            cut_cells.append(f"{statistics.median(cut):.2f}")
-            ordered = [e / o for o, e in zip(times[f"ordered/{method}"], times[method])]
-            ordered_cells.append(f"{statistics.median(ordered):.2f}")
-            order = [o / s for s, o in zip(times[f"stages/{method}"], times[f"ordered/{method}"])]
-            order_cells.append(f"{statistics.median(order):.2f}")
+        where = [str(point.width), str(point.rows), str(point.n)]
         plain_ms = statistics.median(times[f"plain/{methods[0]}"]) / micro * 1e3
-        rows.append([str(point.width), str(point.rows), str(point.n), f"{plain_ms:.2f}", *cells])
-        stage_rows.append([str(point.width), str(point.rows), str(point.n), *staged_cells])
-        cut_rows.append([str(point.width), str(point.rows), str(point.n), *cut_cells])
-        ordered_rows.append([str(point.width), str(point.rows), str(point.n), *ordered_cells])
-        order_rows.append([str(point.width), str(point.rows), str(point.n), *order_cells])
+        rows.append([*where, f"{plain_ms:.2f}", *cells])
+        for name, table in tables.items():
+            medians = (statistics.median(per_round(times, m, name)) for m in methods)
+            table.append([*where, *(f"{x:.2f}" for x in medians)])
         print(
             f"point {i}: width {point.width}, {point.rows} rows, N = {point.n}, "
             f"{micro} micro-batches per run ({time.perf_counter() - started:.0f} s): "
@@ -406,34 +461,19 @@ def grid(args: argparse.Namespace, methods: list[str]) -> None:
         )
     print()
     print(_grid.plain(header, rows))
-    print("\nengine / a plain loop over the stages as separate graphs (median of rounds):")
-    print(_grid.plain(stage_header, stage_rows))
-    print("\nthe per-stage loop / the one-graph loop (the cut by itself; median of rounds):")
-    print(_grid.plain(stage_header, cut_rows))
-    print("\nengine / the per-stage loop in the emulator's order (the engine's own cost):")
-    print(_grid.plain(stage_header, ordered_rows))
-    print("\nthe per-stage loop in the emulator's order / in per-micro-batch order:")
-    print(_grid.plain(stage_header, order_rows))
+    for name, title, _ in BREAKDOWNS:
+        print(f"\n{title}")
+        print(_grid.plain(stage_header, tables[name]))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "engine-grid.md").write_text(
         f"{_grid.environment(args.threads)}\n\ncommand: `python {' '.join(sys.argv)}`\n\n"
         "Engine / plain loop (one graph), median of per-round ratios (min-max):\n\n"
         + _grid.markdown(header, rows)
-        + "\n\nEngine / a plain loop over the stages as separate graphs (the engine's own "
-        "cost; median of per-round ratios):\n\n"
-        + _grid.markdown(stage_header, stage_rows)
-        + "\n\nThe plain loop over separate stage graphs / the one-graph loop (what cutting the "
-        "model into stages costs by itself, with each method's N; median of per-round "
-        "ratios):\n\n"
-        + _grid.markdown(stage_header, cut_rows)
-        + "\n\nEngine / the per-stage loop run in the order the emulator runs the method's "
-        "actions, no version bookkeeping (the engine's own cost with the order held equal; "
-        "median of per-round ratios):\n\n"
-        + _grid.markdown(stage_header, ordered_rows)
-        + "\n\nThe per-stage loop in the emulator's order / the same loop in per-micro-batch "
-        "order (what the method's order costs by itself; median of per-round ratios):\n\n"
-        + _grid.markdown(stage_header, order_rows)
+        + "".join(
+            f"\n\n{md}\n\n" + _grid.markdown(stage_header, tables[name])
+            for name, _, md in BREAKDOWNS
+        )
     )
     print(f"wrote {out / 'engine-grid.md'}")
 
