@@ -91,7 +91,11 @@ def test_the_ordered_reference_runs_the_emulator_order_and_the_plain_numbers():
     for run in (ordered, staged):
         got = [p for ps in run.params for p in ps]
         assert all(torch.equal(a, b) for a, b in zip(want, got))
-    # a stale method's order: updates under live graphs keep the forwards' weights
+    # a stale method's order puts updates between a forward and its backward: an in-place
+    # step there would make autograd refuse the backward; the out-of-place one trains
     stale = overhead.PlainOrdered(stages, 1, "pipedream", 2)
+    before = [p.detach().clone() for ps in stale.params for p in ps]
     stale(batches)
-    assert all(torch.isfinite(p).all() for ps in stale.params for p in ps)
+    after = [p for ps in stale.params for p in ps]
+    assert all(torch.isfinite(p).all() for p in after)
+    assert not any(torch.equal(a, b) for a, b in zip(before, after))
