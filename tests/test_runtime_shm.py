@@ -25,6 +25,7 @@ from test_runtime import make_batches, make_stage
 from timeprest.engine.runtime import RuntimeOptions
 from timeprest.engine.runtime.shm import _why_not
 from timeprest.errors import ConfigError
+from timeprest.sim.profile import action_costs
 
 METHODS = ("v-timeprest", "i-timeprest", "pipedream", "1f1b")
 # uneven micro-batches and a short last mini-batch: several message sizes per channel
@@ -52,8 +53,15 @@ def _equal_worker(rank: int, world: int, tmp: str) -> None:
             pipe = pipeline(world, method, RuntimeOptions(timeout=30, transport=transport))
             engine: Any = pipe._engine
             assert engine.transport == transport
+            runner = pipe.runners[0]
+            runner.action_times = []  # timed: the waiting counted apart, the numbers unchanged
             # two train() calls over the channels set up once by the pipeline
             losses = pipe.train(make_batches(F64, ROWS)) + pipe.train(make_batches(F64, (5, 5)))
+            out[f"timed/{transport}/{method}"] = (
+                runner.recv_seconds,
+                runner.wait_seconds,
+                list(runner.action_times),
+            )
             if transport == "shm":
                 directory = engine._links.directory
                 out["dirs"].append(directory)
@@ -103,6 +111,13 @@ def test_shm_matches_the_process_group_bitwise(world: int, tmp_path: Path) -> No
                 assert torch.equal(shm["state"][k], pg["state"][k]), (method, r, k)
                 assert torch.equal(shm["state"][k], v), (method, r, k)
             assert got[r][f"left/{method}"] == [], (method, r)
+            for transport in ("shm", "process-group"):
+                recv, wait, actions = got[r][f"timed/{transport}/{method}"]
+                assert 0.0 < wait <= recv, (method, r, transport)  # every rank receives
+                assert wait == pytest.approx(sum(a[4] for a in actions))
+                assert all(0.0 <= a[4] <= a[3] for a in actions)
+                f, b, _ = action_costs(actions)
+                assert f > 0 and b > 0
     for r in range(world):
         assert got[r]["auto"] == "shm"
         assert "the ranks ask for different transports" in got[r]["mixed"], got[r]["mixed"]
@@ -387,8 +402,30 @@ def test_a_receive_spins_before_it_sleeps(loop: Any, monkeypatch: pytest.MonkeyP
     receive_late(0.0, (1, 0))
     assert sleeps  # asleep in poll until the message
     sleeps.clear()
+    before = loop.waited
     receive_late(5.0, (2, 0))
     assert sleeps == []  # reading the FIFO all along
+    assert loop.waited - before >= 0.09  # and that was waiting
+
+
+def test_a_receive_counts_its_waiting_only(loop: Any) -> None:
+    """Transport.waited: a message already sent costs a receive no waiting worth the
+    name; one that comes 0.1 s late, those 0.1 s, asleep in poll or spinning."""
+    import threading
+
+    loop.post(0, "act", (0, 0), torch.ones(3))
+    loop.take(0, (0, 0), "m", 5.0)
+    assert 0.0 < loop.waited < 0.05  # the record had to be read from the FIFO
+    for t, spin in ((1, 0.0), (2, 5.0)):
+        loop.spin = spin
+        before = loop.waited
+        sender = threading.Timer(0.1, loop.post, (0, "act", (t, 0), torch.ones(3)))
+        sender.start()
+        loop.take(0, (t, 0), "m", 5.0)
+        sender.join()
+        assert 0.09 <= loop.waited - before < 2.0, spin
+        for slot in loop.outs[0].slots:
+            slot.busy = False
 
 
 def test_a_spinning_receive_keeps_its_timeout_and_hears_a_close(

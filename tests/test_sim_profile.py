@@ -109,12 +109,35 @@ def test_stage_runner_times_every_action_once(method: str):
     pipe.train([(torch.randn(16, 8), torch.randn(16, 4))] * t)
     for r in pipe.runners:
         assert r.action_times is not None
-        kinds = [k for k, _, _, _ in r.action_times]
+        kinds = [k for k, *_ in r.action_times]
         assert kinds.count("F") == n * t and kinds.count("U") == t
         # a B action over the whole mini-batch counts its N micro-batches
-        assert sum(c for k, _, c, _ in r.action_times if k == "B") == n * t
-        assert sorted({mb for _, mb, _, _ in r.action_times}) == list(range(t))
-        assert all(sec > 0 for _, _, _, sec in r.action_times)
+        assert sum(c for k, _, c, _, _ in r.action_times if k == "B") == n * t
+        assert sorted({mb for _, mb, *_ in r.action_times}) == list(range(t))
+        assert all(sec > 0 and waited == 0.0 for _, _, _, sec, waited in r.action_times)
+
+
+def test_action_costs_leave_the_waiting_out():
+    """Per mini-batch the mean of its actions less their waiting (a B per micro-batch),
+    then the median over mini-batches; mini-batches below ``skip`` left out."""
+    from timeprest.sim.profile import action_costs
+
+    times = [
+        ("F", 0, 1, 9.0, 0.0),  # a slow fill: skipped below
+        ("B", 0, 1, 9.0, 0.0),
+        ("U", 0, 1, 9.0, 0.0),
+    ]
+    for t, stall in ((1, 0.0), (2, 5.0), (3, 0.0)):
+        times += [
+            ("F", t, 1, 1.0 + stall, stall),  # waited for its input: counted as 1.0
+            ("F", t, 1, 3.0, 0.0),
+            ("B", t, 2, 4.0 + 0.5 * t, 0.5 * t),  # two micro-batches, 2.0 each
+            ("U", t, 1, 0.5 + t, 0.0),  # 1.5, 2.5, 3.5: the median 2.5
+        ]
+    assert action_costs(times, skip=1) == (2.0, 2.0, 2.5)
+    assert action_costs(times)[2] == 3.0  # with the fill
+    with pytest.raises(ConfigError, match="no mini-batch from 4 on"):
+        action_costs(times, skip=4)
 
 
 def test_profile_stages_rejects_bad_input():

@@ -21,6 +21,13 @@ from timeprest.stage import Batches, StageRunner
 class Transport(Protocol):
     """Moves the messages of lowered programs between stages."""
 
+    @property
+    def waited(self) -> float:
+        """Seconds the receives have spent waiting for a message still on its way
+        (cumulative; a receive's own work, such as copying the message out, not counted;
+        an in-process mailbox, which never waits, keeps 0)."""
+        ...
+
     def ready(self, op: Op) -> bool:
         """Whether ``op`` can run now: a receive, whether its message has arrived (a blocking
         transport says True); another op, whether it may start (data-parallel copies of a
@@ -74,9 +81,10 @@ class StageExecutor:
                 if r.action_times is None:
                     self._value = tr.recv(op)
                 else:
-                    t0 = time.perf_counter()
+                    w0, t0 = tr.waited, time.perf_counter()
                     self._value = tr.recv(op)
                     r.recv_seconds += time.perf_counter() - t0
+                    r.wait_seconds += tr.waited - w0
             elif op.op == "send":
                 assert self._value is not None, f"nothing to send at {op}"
                 tr.send(op, self._value)

@@ -26,6 +26,8 @@ Channel = tuple[int, int, str]  # sender, receiver, kind
 class CheckingMailbox:
     """In-process transport: FIFO channels that check every receive against its message."""
 
+    waited = 0.0  # a message is there or the executor does not ask for it
+
     def __init__(self, backward_unit: str = "microbatch") -> None:
         self.channels: dict[Channel, deque[tuple[Message, Tensor]]] = {}
         self.backward_unit = backward_unit

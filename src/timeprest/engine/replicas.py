@@ -44,6 +44,10 @@ class _GatedMailbox:
             return all(c.pos >= here for c in self.copies)
         return self.mailbox.ready(op)
 
+    @property
+    def waited(self) -> float:
+        return self.mailbox.waited
+
     def recv(self, op: Op) -> Tensor:
         return self.mailbox.recv(op)
 

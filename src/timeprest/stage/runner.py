@@ -109,13 +109,17 @@ class StageRunner:
         self.losses: dict[int, float] = {}
         self.steps: dict[int, StageStep] = {}
         self.on_loss: Callable[[int, float], None] | None = None
-        # (kind, mini-batch, micro-batches, seconds) of every action run while a
-        # list is set here (the profiler's timing; device work is waited for)
-        self.action_times: list[tuple[str, int, int, float]] | None = None
+        # (kind, mini-batch, micro-batches, seconds, waiting) of every action run while a
+        # list is set here (the profiler's timing; device work is waited for); waiting:
+        # the seconds of it its receives spent waiting for a message on its way
+        self.action_times: list[tuple[str, int, int, float, float]] | None = None
         # seconds spent inside the transport's receives, while action_times is set (the
-        # share of the action times above that was waiting for a neighbour)
+        # share of the action times above that was receiving: waiting for a neighbour,
+        # and copying the message out), and of it the waiting (Transport.waited)
         self.recv_seconds = 0.0
+        self.wait_seconds = 0.0
         self._t0 = 0.0  # start of the action being timed
+        self._w0 = 0.0  # wait_seconds at that start
         self._release_at: dict[int, list[int]] = {}  # program index -> versions read last there
         # docs/design.md section 11, set by the Pipeline: autocast precision, per-stage
         # gradient clipping, and the group this stage combines gradients with before U
@@ -166,6 +170,7 @@ class StageRunner:
         if self.action_times is not None:
             sync_device(self.device)
             self._t0 = time.perf_counter()
+            self._w0 = self.wait_seconds
         if action.kind == "B":
             # micro-batches of one action often share (forward, backward) versions:
             # build their backward weights and distance once
@@ -192,6 +197,7 @@ class StageRunner:
                     self.base_minibatch + action.minibatch,
                     count,
                     time.perf_counter() - self._t0,
+                    self.wait_seconds - self._w0,
                 )
             )
 

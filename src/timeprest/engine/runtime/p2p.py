@@ -10,6 +10,7 @@ of each size is preceded by a header (:mod:`timeprest.engine.runtime.wire`).
 from __future__ import annotations
 
 import datetime
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -149,6 +150,7 @@ class P2PTransport:
         if stage < schedule.num_stages - 1:
             self.channels["grad"] = _Channel("grad", self.ranks[stage + 1], self.plan.recv["grad"])
         self.sent_count: dict[Kind, int] = {"act": 0, "grad": 0}
+        self.waited = 0.0  # seconds in the handles' waits (the executor's Transport.waited)
         # handles (and tensors, which must stay alive) of sends not yet known complete
         self.in_flight: dict[tuple[Kind, Key], list[tuple[Any, Tensor]]] = {}
         # the world group's own send/recv: dist.isend/irecv check their arguments at
@@ -171,6 +173,7 @@ class P2PTransport:
         return ((t * self.num_microbatches + j) * 4 + 2 * header + (kind == "grad")) % 2**31
 
     def _wait(self, work: Any, peer: int, what: str) -> None:
+        t0 = time.perf_counter()
         try:
             if self.ordered:
                 # NCCL: the wait only orders the compute stream after the transfer (a
@@ -180,6 +183,8 @@ class P2PTransport:
                 work.wait(self.timeout)
         except Exception as exc:
             raise CommError(peer, what, exc) from exc
+        finally:
+            self.waited += time.perf_counter() - t0
 
     def _irecv(self, buf: Tensor, peer: int, kind: Kind, tag: int, what: str) -> Any:
         try:

@@ -257,6 +257,10 @@ class ShmTransport:
     def ready(self, op: Op) -> bool:
         return True  # receives block (up to the timeout)
 
+    @property
+    def waited(self) -> float:
+        return self.links.waited
+
     def progress(self) -> None:
         pass
 

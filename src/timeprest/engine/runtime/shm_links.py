@@ -150,6 +150,7 @@ class ShmLinks:
         self.by_fd: dict[int, _In] = {}
         self.closed_by: int | None = None
         self.next_slot = 0
+        self.waited = 0.0  # seconds receives waited for their messages (ShmTransport.waited)
         self.files = _Files(directory, rank, list(peers))
         self._finalizer = weakref.finalize(self, self.files.close)
 
@@ -299,28 +300,9 @@ class ShmLinks:
     def take(self, peer: int, key: Key, what: str, timeout: float) -> tuple[Tensor, Spec]:
         """Wait for message ``key`` from ``peer``; a fresh copy of it and its spec."""
         inn = self.ins[peer]
-        now = time.monotonic()
-        deadline, check = now + timeout, now + _POLL
-        # spin first: a process asleep in poll costs its waker a wake-up (tens of
-        # microseconds on a virtual machine), and itself as long to run again
-        awake = now + self.spin
-        while (rec := inn.inbox.pop(key, None)) is None:
-            if self.closed_by is not None:
-                cause = ConnectionError(f"rank {self.closed_by} closed its channels (it stopped)")
-                raise CommError(self.closed_by, what, cause)
-            now = time.monotonic()
-            if now >= check:
-                if not _alive(inn.pid, inn.start):
-                    cause = ConnectionError(f"the process of rank {peer} (pid {inn.pid}) is gone")
-                    raise CommError(peer, what, cause)
-                check = now + _POLL
-            if now >= deadline:
-                raise CommError(peer, what, TimeoutError(f"no message in {timeout:g} s"))
-            if now < awake:  # every incoming FIFO: a closed record may come from either side
-                for other in self.ins.values():
-                    self._read(other)
-            else:
-                self._wait(min(check, deadline) - now)
+        rec = inn.inbox.pop(key, None)
+        if rec is None:  # not read yet: read the FIFOs as records come, waiting if need be
+            rec = self._await(inn, key, what, timeout)
         _, slot, capacity, nbytes, _, _, code, ndim, *dims = rec
         spec: Spec = (tuple(dims[:ndim]), DTYPES[code])
         view = inn.views.get(slot)
@@ -340,6 +322,41 @@ class ShmLinks:
         if nbytes:
             x.view(-1).view(torch.uint8).copy_(view[:nbytes])
         return x, spec
+
+    def _await(self, inn: _In, key: Key, what: str, timeout: float) -> tuple[int, ...]:
+        """The record of message ``key`` from ``inn``'s peer: the FIFOs read in a loop for
+        :attr:`spin` seconds, then ``poll`` until it comes. The time counts in
+        :attr:`waited` (a record already in the FIFO costs only its read)."""
+        start = now = time.monotonic()
+        deadline, check = now + timeout, now + _POLL
+        # spin first: a process asleep in poll costs its waker a wake-up (tens of
+        # microseconds on a virtual machine), and itself as long to run again
+        awake = now + self.spin
+        try:
+            while (rec := inn.inbox.pop(key, None)) is None:
+                if self.closed_by is not None:
+                    cause = ConnectionError(
+                        f"rank {self.closed_by} closed its channels (it stopped)"
+                    )
+                    raise CommError(self.closed_by, what, cause)
+                now = time.monotonic()
+                if now >= check:
+                    if not _alive(inn.pid, inn.start):
+                        cause = ConnectionError(
+                            f"the process of rank {inn.peer} (pid {inn.pid}) is gone"
+                        )
+                        raise CommError(inn.peer, what, cause)
+                    check = now + _POLL
+                if now >= deadline:
+                    raise CommError(inn.peer, what, TimeoutError(f"no message in {timeout:g} s"))
+                if now < awake:  # every incoming FIFO: a closed record may come from either side
+                    for other in self.ins.values():
+                        self._read(other)
+                else:
+                    self._wait(min(check, deadline) - now)
+            return rec
+        finally:
+            self.waited += time.monotonic() - start
 
     # -- end ----------------------------------------------------------------------------
     def close(self, notify: bool) -> None:
