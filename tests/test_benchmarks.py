@@ -52,7 +52,8 @@ def test_targets_count_each_target_over_the_cells_it_applies_to():
             **{
                 "v-timeprest": cell(1.3, 0.96, 0.99, 0.8, 0.9),
                 "pipedream": cell(0.97, 0.90, 1.0, 0.8, 0.8),
-                "gpipe": {"pred_steady": 1.3},  # synchronous: only the simulator's target
+                # synchronous: only the simulator's targets (the run's read where measured)
+                "gpipe": {"pred_steady": 1.3, "run_pred_steady": 1.1},
                 "torch-1F1B": {"vs_1f1b": 1.0},
             },
         ),
@@ -68,6 +69,8 @@ def test_targets_count_each_target_over_the_cells_it_applies_to():
     assert "  the same against the own arithmetic: 0 of 2" in lines
     assert "simulator within 15 % (sim / steady): 3 of 4" in text
     assert "gpipe at 1024/32/4 1.30" in text
+    # a grid saved before the run's prediction has none for the other cells: 1 of 1
+    assert "  the same from the runtime's own action times (run / steady): 1 of 1" in lines
 
 
 def test_the_ordered_reference_runs_the_emulator_order_and_the_plain_numbers():
