@@ -46,7 +46,7 @@ In one run, interleaved over several rounds (medians reported):
   A second prediction ("run") takes each stage's costs from the runtime
   itself: right after the emulator's profile, a short run of the runtime
   (the profile's mini-batches) with its actions timed, the waiting for
-  messages left out (``timeprest.sim.profile.action_costs``); those times
+  messages left out (``Pipeline.time_actions``); those times
   hold the sends and receives, so the link adds only its latency and
   bandwidth. The gap between the two predictions is what the emulator's
   profile misses of the runtime's actions (their messages, and the same
@@ -106,7 +106,7 @@ from timeprest.engine.runtime import RuntimeOptions
 from timeprest.sim import simulate
 from timeprest.sim.costmodel import CostModel
 from timeprest.sim.link import Link, link_between
-from timeprest.sim.profile import action_costs, profile_stages
+from timeprest.sim.profile import profile_stages
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _grid  # noqa: E402  (the grid shared with engine_overhead.py)
@@ -320,16 +320,6 @@ class Ours:
         ) + (runner.recv_seconds / micro,)
         runner.action_times = None
 
-    def action_costs(self, batches: list[tuple[Tensor, Tensor]], skip: int) -> Any:
-        """This stage's (F, B, U) as its actions take in a short run of ``batches``, less
-        the waiting for messages (timeprest.sim.profile.action_costs)."""
-        runner = self.pipe.runners[0]
-        runner.action_times = []
-        self.pipe.train(batches)
-        costs = action_costs(runner.action_times, skip=skip)
-        runner.action_times = None
-        return costs
-
 
 class Theirs:
     def __init__(self, kind: str, module: nn.Module, n: int, rank: int, rows: int, width: int):
@@ -399,7 +389,7 @@ def worker(rank: int, args: argparse.Namespace, port: int) -> None:
     alone_times: list[list[Times]] = []  # per round, per rank
     # per method, per round, per rank: (F, B, U) of every stage
     profiles: dict[str, list[list[Any]]] = {name: [] for name in methods if name in OURS}
-    # per method, per round: each rank's (F, B, U) from a short run of the runtime
+    # per method, per round: each stage's (F, B, U) from a short run of the runtime
     run_profiles: dict[str, list[list[Any]]] = {name: [] for name in profiles}
     template: CostModel | None = None
     steady: dict[str, list[float]] = {name: [] for name in methods if name in OURS}
@@ -453,10 +443,10 @@ def worker(rank: int, args: argparse.Namespace, port: int) -> None:
                 profiles[name].append(prof)
                 # the same stages' actions as they take in the runtime: a short run
                 k = args.profile_warmup + args.profile_repeats
-                mine = runners[name].action_costs(data[name][:k], args.profile_warmup)
-                got: list[Any] = [None] * W
-                dist.all_gather_object(got, mine)
-                run_profiles[name].append(got)
+                pipe = runners[name].pipe
+                run_profiles[name].append(
+                    pipe.time_actions(data[name][:k], skip=args.profile_warmup)
+                )
             t0 = barrier_time()
             c0 = cpu_seconds()
             runners[name].run(data[name])
@@ -624,7 +614,7 @@ def predict(
     Two predictions per round, from that round's profiles: the emulator's
     (``profile_stages``, as ``timeprest profile`` measures, with the link's
     per-message overhead) and the runtime's own actions in a short run just
-    before (``action_costs``: sends and receives are in those times, so the
+    before (``Pipeline.time_actions``: sends and receives are in those times, so the
     link adds only its latency and bandwidth). Load drifting between rounds
     hits both sides of a ratio alike; the ratios reported are medians over
     rounds of the per-round ratios.
@@ -635,7 +625,7 @@ def predict(
     print(
         "costs: profile_stages(method=...) times each method's own engine path (emulator, "
         "both processes at once, one thread each) in every round; stage s from rank s; "
-        "run: timeprest.sim.profile.action_costs of a short run of the runtime "
+        "run: Pipeline.time_actions, a short run of the runtime "
         f"({args.profile_warmup} mini-batches skipped, {args.profile_repeats} timed) right "
         "after, each rank its own stage, the waiting for messages left out"
     )

@@ -79,6 +79,10 @@ def _equal_worker(rank: int, world: int, tmp: str) -> None:
             }
             del pipe, engine
             gc.collect()
+    timed = pipeline(world, "v-timeprest", RuntimeOptions(timeout=30))
+    out["time_actions"] = timed.time_actions(make_batches(F64, ROWS), skip=1)
+    out["time_actions/done"] = timed.minibatches_done
+    del timed
     auto: Any = pipeline(world, "gpipe", RuntimeOptions(timeout=30))._engine
     out["auto"] = auto.transport
     out["dirs"].append(auto._links.directory)  # removed at interpreter exit
@@ -118,6 +122,11 @@ def test_shm_matches_the_process_group_bitwise(world: int, tmp_path: Path) -> No
                 assert all(0.0 <= a[4] <= a[3] for a in actions)
                 f, b, _ = action_costs(actions)
                 assert f > 0 and b > 0
+    # every rank has every stage's costs, as each stage's own rank timed them
+    costs = got[0]["time_actions"]
+    assert len(costs) == world and all(f > 0 and b > 0 and u > 0 for f, b, u in costs)
+    assert all(got[r]["time_actions"] == costs for r in range(world))
+    assert all(got[r]["time_actions/done"] == len(ROWS) for r in range(world))  # it trained
     for r in range(world):
         assert got[r]["auto"] == "shm"
         assert "the ranks ask for different transports" in got[r]["mixed"], got[r]["mixed"]

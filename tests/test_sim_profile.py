@@ -117,10 +117,35 @@ def test_stage_runner_times_every_action_once(method: str):
         assert all(sec > 0 and waited == 0.0 for _, _, _, sec, waited in r.action_times)
 
 
+def test_time_actions_trains_and_times_every_stage():
+    """Pipeline.time_actions: a real train() call (the updates and the count move on),
+    each stage's costs, the fill skipped counting from the call's first mini-batch."""
+    pipe = Pipeline(
+        tiny_stages(3),
+        method="v-timeprest",
+        num_microbatches=2,
+        optimizer=lambda p: torch.optim.SGD(p, lr=0.01),
+        loss_fn=F.mse_loss,
+    )
+    batches = [(torch.randn(8, 8), torch.randn(8, 4))] * 5
+    pipe.train(batches)
+    costs = pipe.time_actions(batches)  # skips 3 of 5: numbered 5 to 9, from 8 on
+    assert pipe.minibatches_done == 10 and [pipe.version(s) for s in range(3)] == [10] * 3
+    assert len(costs) == 3 and all(f > 0 and b > 0 and u > 0 for f, b, u in costs)
+    assert all(r.action_times is None for r in pipe.runners)
+    # two mini-batches, both the fill: nothing left, whatever the pipeline's count
+    with pytest.raises(ConfigError, match="no mini-batch from 12 on"):
+        pipe.time_actions(batches[:2], skip=2)
+    assert all(r.action_times is None for r in pipe.runners)
+    for bad in (-1, 1.5, True):
+        with pytest.raises(ConfigError, match="skip must be an integer >= 0"):
+            pipe.time_actions(batches, skip=bad)  # type: ignore[arg-type]
+
+
 def test_action_costs_leave_the_waiting_out():
     """Per mini-batch the mean of its actions less their waiting (a B per micro-batch),
     then the median over mini-batches; mini-batches below ``skip`` left out."""
-    from timeprest.sim.profile import action_costs
+    from timeprest.stage.timing import action_costs
 
     times = [
         ("F", 0, 1, 9.0, 0.0),  # a slow fill: skipped below

@@ -54,6 +54,7 @@ from timeprest.schedule.lower import Lowered, lower
 from timeprest.stage import LossFn, Minibatch, OptimizerFactory, StageRunner
 from timeprest.stage.replicas import replica_seed
 from timeprest.stage.sync import Tied, attach_update_rules
+from timeprest.stage.timing import action_costs
 
 if TYPE_CHECKING:
     from timeprest.engine.runtime import RuntimeOptions
@@ -346,6 +347,44 @@ class Pipeline:
         ]
         self.minibatches_done += len(outcome.losses)
         return outcome.losses
+
+    def time_actions(
+        self,
+        batches: Iterable[tuple[Tensor, Tensor]],
+        *,
+        skip: int | None = None,
+        num_minibatches: int | None = None,
+    ) -> list[tuple[float, float, float]]:
+        """Train on ``batches`` as :meth:`train` does, timing every action; each stage's
+        forward and backward seconds per micro-batch and update seconds, as this engine
+        runs them.
+
+        The first ``skip`` mini-batches of the call (default: the number of stages,
+        the pipeline's fill) are left out, and so is the time receives spend waiting for a
+        message on its way (``timeprest.stage.timing.action_costs``). With the distributed
+        engine every process gets every stage's figures (replica 0's), timed where
+        each runs: a cost model of that run, sends and receives included, for
+        :func:`timeprest.sim.simulate` with the link's latency and bandwidth and no
+        per-message overhead (docs/simulator.md). The training is real: the weights,
+        the report and ``minibatches_done`` move on as with :meth:`train`.
+        """
+        skip = self.num_stages if skip is None else skip
+        if not isinstance(skip, int) or isinstance(skip, bool) or skip < 0:
+            raise ConfigError(f"skip must be an integer >= 0, got {skip!r}")
+        base = self.minibatches_done
+        for r in self.runners:
+            r.action_times = []
+        try:
+            self.train(batches, num_minibatches=num_minibatches)
+
+            def costs() -> list[tuple[float, float, float]]:
+                return [action_costs(r.action_times or [], base + skip) for r in self.runners]
+
+            mine = self._engine.agreed("reading the action times", costs)
+        finally:
+            for r in self.runners:
+                r.action_times = None
+        return self._engine.gather_stages(mine, "the action-time exchange")
 
     def _check_batch(self, t: int, b: object) -> Minibatch:
         if not (isinstance(b, (tuple, list)) and len(b) == 2):

@@ -74,6 +74,9 @@ class Emulator:
     def agreed(self, what: str, fn: Callable[[], T]) -> T:
         return fn()
 
+    def gather_stages(self, values: list[Any], what: str) -> list[Any]:
+        return list(values)  # every stage's runner is here
+
     def run(self, job: Job) -> Outcome:
         keep_freed_memory()  # weight-sized tensors come and go at every micro-batch
         if job.replicas:  # data parallel: docs/design.md section 10

@@ -76,4 +76,9 @@ class Engine(Protocol):
         """Run ``fn``; if it raises in any process, raise in every process."""
         ...
 
+    def gather_stages(self, values: list[Any], what: str) -> list[Any]:
+        """One value per stage, in stage order, in every process, from ``values``: one per
+        runner of this process (replica 0's stages where there are replicas)."""
+        ...
+
     def run(self, job: Job) -> Outcome: ...

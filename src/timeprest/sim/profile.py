@@ -29,6 +29,7 @@ from timeprest.device import sync_device
 from timeprest.errors import ConfigError, MultipleSequenceWarning, ShapeError
 from timeprest.policy.methods import DEFAULT_METHOD
 from timeprest.sim.costmodel import CostModel, StageCost
+from timeprest.stage.timing import action_costs
 from timeprest.versions import optimizer_state_bytes
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
@@ -300,44 +301,6 @@ def _engine_times(
         out.append(action_costs(r.action_times, skip=warmup))
         r.action_times = None
     return out
-
-
-def action_costs(
-    action_times: Sequence[tuple[str, int, int, float, float]], skip: int = 0
-) -> tuple[float, float, float]:
-    """One stage's (forward, backward per micro-batch, update) seconds from the actions a
-    run timed (``StageRunner.action_times``), mini-batches below ``skip`` left out.
-
-    An action counts without its waiting for messages on their way (a
-    receive's own work, a send and the Python around them stay in it), so
-    the times of a distributed run (every rank's own runner) give a cost model
-    of that run's actions: simulate it with the link's latency and bandwidth
-    and no per-message overhead, which these times hold already. Per
-    mini-batch, the mean time of its actions (a backward over several
-    micro-batches counts per micro-batch), then the median over mini-batches:
-    a cost every mini-batch pays (its first forward cuts it into
-    micro-batches) counts, a one-off stall (the allocator growing the heap)
-    does not.
-    """
-    per: dict[int, dict[str, list[float]]] = {}
-    for kind, t, count, sec, waited in action_times:
-        if t >= skip:
-            sums = per.setdefault(t, {}).setdefault(kind, [0.0, 0.0])
-            sums[0] += sec - waited
-            sums[1] += count
-    if not per or not all("F" in m and "B" in m for m in per.values()):
-        raise ConfigError(
-            f"no mini-batch from {skip} on has both its forward and its backward timed: "
-            "time a longer run, or skip fewer mini-batches"
-        )
-    f, b, u = (_median_of_means(per, kind) for kind in "FBU")
-    return max(f, 1e-9), max(b, 1e-9), u
-
-
-def _median_of_means(per: dict[int, dict[str, list[float]]], kind: str) -> float:
-    """The median over mini-batches of ``kind``'s seconds per action (per micro-batch)."""
-    means = [m[kind][0] / m[kind][1] for m in per.values() if kind in m]
-    return statistics.median(means) if means else 0.0
 
 
 def _plain_times(

@@ -412,10 +412,14 @@ class DistributedRuntime:
             self._transport = None
         return self._finish(job, runner, rows)
 
+    def gather_stages(self, values: list[Any], what: str) -> list[Any]:
+        """Every stage's value (replica 0's), from this rank's one."""
+        (mine,) = values
+        got = self._all_gather(mine, what)
+        return [got[r] for r in self.layout.ranks[0]]
+
     def _gather_reports(self, runner: Any) -> list[Any]:
-        where = "the report exchange"
-        got = self._all_gather(runner.report(), where)
-        return [got[r] for r in self.layout.ranks[0]]  # replica 0's, by stage
+        return self.gather_stages([runner.report()], "the report exchange")
 
     def _finish(self, job: Job, runner: Any, rows: list[int]) -> Outcome:
         """Share losses and report figures, so every rank returns and reports the same."""
