@@ -39,6 +39,14 @@ def test_version_counts_per_stage(w):
     assert _peaks("pipedream", w, 1)[0] == [w - s for s in range(w)]
 
 
+def test_first_backward_is_the_programs_first_per_minibatch():
+    """GPipe backpropagates a mini-batch's micro-batches last first; the others from 0."""
+    for method, first in (("gpipe", 3), ("1f1b", 0), ("v-timeprest", 0), ("pipedream-2bw", 0)):
+        for p in plans(method, 3, 4, t=5):
+            assert p.first_backward == {t: first for t in range(5)}, method
+    assert all(p.first_backward == {t: 0 for t in range(5)} for p in plans("pipedream", 3, 1, 5))
+
+
 def test_vertical_sync_uses_stage_zero_versions():
     ps = plans("timeprest", 4, 3)
     for p in ps[1:]:

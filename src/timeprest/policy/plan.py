@@ -13,7 +13,7 @@ number of updates applied before it).
 from __future__ import annotations
 
 import itertools
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from timeprest.errors import ScheduleError
 from timeprest.policy.rules import Policy
@@ -40,6 +40,9 @@ class StagePlan:
     intermediate or extrapolated backward weight, a predicted forward weight).
     ``extra_buffers``: weight-sized tensors kept between updates beside the
     versions (docs/design.md section 12).
+    ``first_backward[t]``: the micro-batch of mini-batch ``t`` backpropagated
+    first in the program (GPipe's order runs the last one first), the one
+    whose backward writes the gradients the others add to.
     """
 
     stage: int
@@ -51,6 +54,7 @@ class StagePlan:
     held: tuple[int, ...]
     transient: tuple[int, ...]
     extra_buffers: int = 0
+    first_backward: dict[int, int] = field(default_factory=dict)
 
     @property
     def peak_versions(self) -> int:
@@ -94,6 +98,7 @@ def plan_versions(schedule: Schedule, policy: Policy) -> list[StagePlan]:
         k = 0
         fwd: dict[Key, int] = {}
         bwd: dict[Key, int] = {}
+        first_bwd: dict[int, int] = {}
         reads: list[tuple[int, ...]] = []
         transient: list[int] = []
         for a in prog:
@@ -129,6 +134,7 @@ def plan_versions(schedule: Schedule, policy: Policy) -> list[StagePlan]:
                 key = (a.minibatch, j)
                 v = fwd[key]
                 bwd[key] = k
+                first_bwd.setdefault(a.minibatch, j)
                 rd.update(policy.backward_reads(v, k))
                 tr = max(tr, int(policy.needs_transient(v, k)))
             reads.append(tuple(sorted(rd)))
@@ -180,6 +186,7 @@ def plan_versions(schedule: Schedule, policy: Policy) -> list[StagePlan]:
                 held=held,
                 transient=tuple(transient),
                 extra_buffers=policy.extra_buffers,
+                first_backward=first_bwd,
             )
         )
     return plans

@@ -295,12 +295,16 @@ class StageRunner:
         """Whether F{t}.{j}'s nn.Linear weight gradients can be added in the product: its
         backward will add into the accumulators (:meth:`_backward_into_accumulators`).
 
-        Not a mini-batch's first micro-batch: its backward, the first after an update,
-        writes fresh gradients, the same product either way, so fusing it would only add
-        the hooks' cost (and with N = 1 nothing is ever added). Either choice gives the
-        same numbers; this one is only the cheaper."""
+        Not the micro-batch of mini-batch t backpropagated first here
+        (``StagePlan.first_backward``: micro-batch 0 in most schedules, the last one in
+        GPipe's): that backward, the first after an update, writes fresh gradients, the
+        same product either way, so fusing it would only add the hooks' cost (and with
+        N = 1 nothing is ever added). Either choice gives the same numbers; this one is
+        only the cheaper."""
         assert self.plan is not None
-        if j == 0 or not self.fused or not plain_reads or self.precision != "fp32":
+        if j == self.plan.first_backward.get(t, 0) or not self.fused:
+            return False
+        if not plain_reads or self.precision != "fp32":
             return False
         k = self.base_version + self.plan.backward_version[(t, j)]
         return self.loss_scale == 1.0 and not (self.remedies.corrects and v != k)
