@@ -108,15 +108,20 @@ def test_simulate_bad_inputs(capsys, tmp_path):
     )
 
 
-def test_profile_writes_a_cost_file_simulate_reads(capsys, tmp_path):
-    pytest.importorskip("timeprest.models")
-    out_file = tmp_path / "costs.json"
-    code, out, err = run(
+def profile_mlp(capsys, out_file, warmup: str, *extra: str):
+    """`timeprest profile` of the mlp on a small synthetic set, W = N = 2, into out_file."""
+    return run(
         capsys,
         "profile", "--model", "mlp", "--dataset", "synthetic:train=32,test=8",
         "--stages", "2", "--batch-size", "16", "--microbatches", "2", "--balance", "params",
-        "--warmup", "0", "--repeats", "1", "--bandwidth", "1e9", "--out", str(out_file),
+        "--warmup", warmup, "--repeats", "1", *extra, "--out", str(out_file),
     )  # fmt: skip
+
+
+def test_profile_writes_a_cost_file_simulate_reads(capsys, tmp_path):
+    pytest.importorskip("timeprest.models")
+    out_file = tmp_path / "costs.json"
+    code, out, err = profile_mlp(capsys, out_file, "0", "--bandwidth", "1e9")
     assert code == 0, err
     cm = CostModel.load(out_file)
     assert cm.num_stages == 2 and cm.bandwidth == 1e9
@@ -129,6 +134,38 @@ def test_profile_writes_a_cost_file_simulate_reads(capsys, tmp_path):
     )
     assert code == 0, err
     assert "KiB" in out
+
+
+def test_profile_times_the_distributed_runtime(capsys, tmp_path):
+    """--engine distributed: the sizes and link as before, the times from a short run of
+    the runtime in two torchrun workers, no per-message overhead (it is in the times)."""
+    pytest.importorskip("timeprest.models")
+    out_file = tmp_path / "costs.json"
+    code, out, err = profile_mlp(capsys, out_file, "1", "--repeats", "2", "--engine", "distributed")
+    assert code == 0, err
+    cm = CostModel.load(out_file)
+    assert cm.meta["timed"] == "distributed runtime, method i-timeprest"
+    assert "timing the actions in 2 processes" in out and cm.overhead == 0.0
+    emulated = cm.meta["emulator_times"]
+    assert len(emulated) == 2 and all(f > 0 and b > 0 for f, b, _ in emulated)
+    assert all(c.forward_time > 0 and c.backward_time > 0 for c in cm.stages)
+    assert [c.forward_time for c in cm.stages] != [f for f, _, _ in emulated]  # timed again
+    assert cm.stages[0].output_bytes > 0 and cm.stages[0].weight_bytes > 0
+
+
+def test_a_failed_distributed_profile_is_one_line(capsys, tmp_path, monkeypatch):
+    pytest.importorskip("timeprest.models")
+    import timeprest.engine.launch as launch
+
+    monkeypatch.setattr(launch, "launch_local", lambda *args, **kw: 1)
+    base = ["profile", "--model", "mlp", "--dataset", "synthetic:train=32,test=8"]
+    out_file = tmp_path / "c.json"
+    code, out, err = run(
+        capsys, *base, "--stages", "2", "--engine", "distributed", "--out", str(out_file)
+    )
+    assert code == 2 and out.strip() == "timing the actions in 2 processes (torchrun, loopback)"
+    _one_line_error(code, "", err, "torchrun exit code 1")
+    assert not out_file.exists()  # nothing half-written
 
 
 def test_profile_bad_inputs(capsys, tmp_path):
@@ -147,6 +184,9 @@ def test_profile_bad_inputs(capsys, tmp_path):
         *run(capsys, *base, "--stages", "2", "--measure-link", "--latency", "1", *out),
         "not both",
     )
+    distributed = ["--stages", "2", "--engine", "distributed", *out]
+    _one_line_error(*run(capsys, *base, *distributed, "--layers-only"), "--layers-only")
+    _one_line_error(*run(capsys, *base, *distributed, "--device", "cuda"), "drop --device")
 
 
 def test_simulate_message_overhead(capsys):

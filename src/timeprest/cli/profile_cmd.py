@@ -80,6 +80,15 @@ def register(sub: argparse._SubParsersAction) -> None:
         "transport (shared memory where it can run, else gloo on loopback: the link of a "
         "one-machine distributed run) instead of --bandwidth/--latency",
     )
+    p.add_argument(
+        "--engine",
+        default="emulate",
+        choices=("emulate", "distributed"),
+        help="emulate (default): time the actions in this process, the messages in memory; "
+        "distributed: then time them again in a short run of the distributed runtime (one "
+        "process per stage, torchrun on loopback) and write those, sends and receives "
+        "included, with no per-message overhead (docs/simulator.md)",
+    )
     p.add_argument("--data-dir", default=None, help="where the dataset files are")
     p.add_argument("--image-size", type=int, default=None, help="resize images to this size")
     p.add_argument("--seed", type=int, default=0, help="seed for the model's initial weights")
@@ -89,7 +98,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _front_end() -> tuple[Any, Any, Any]:
-    """The model, data and split functions (written separately from the simulator)."""
+    """The model, data and splitting modules (written separately from the simulator)."""
     try:
         models = importlib.import_module("timeprest.models")
         data = importlib.import_module("timeprest.data")
@@ -99,7 +108,47 @@ def _front_end() -> tuple[Any, Any, Any]:
             f"`timeprest profile` needs {exc.name}, which this installation lacks; "
             "use timeprest.sim.profile.profile_stages on your own stages instead"
         ) from None
-    return models.build_model, data.load_dataset, split.split
+    return models.build_model, data.load_dataset, split
+
+
+def _distributed_times(args: argparse.Namespace, w: int, n: int, layer_counts: Any) -> Any:
+    """Every stage's (F, B, U) from a short run of the distributed runtime: ``w`` torchrun
+    workers (:mod:`timeprest.cli.profile_worker`) on the same model, split and sample."""
+    import json
+    import tempfile
+    from pathlib import Path
+
+    from timeprest.engine.launch import launch_local
+
+    warmup = max(2, w) if args.warmup is None else args.warmup
+    spec = {
+        "model": args.model,
+        "dataset": args.dataset,
+        "data_dir": args.data_dir,
+        "image_size": args.image_size,
+        "seed": args.seed,
+        "stages": w,
+        "microbatches": n,
+        "method": args.method,
+        "batch_size": args.batch_size,
+        "layer_counts": list(layer_counts),
+        "optimizer": args.optimizer,
+        "momentum": args.momentum,
+        "warmup": warmup,
+        "repeats": args.repeats,
+        "timeout": 300.0,
+    }
+    with tempfile.TemporaryDirectory(prefix="timeprest-profile-") as tmp:
+        spec_path, out = Path(tmp) / "spec.json", Path(tmp) / "times.json"
+        spec_path.write_text(json.dumps(spec))
+        print(f"timing the actions in {w} processes (torchrun, loopback)", flush=True)
+        code = launch_local(w, [str(spec_path), str(out)], module="timeprest.cli.profile_worker")
+        if code != 0 or not out.exists():
+            raise ConfigError(
+                f"the distributed profile failed (torchrun exit code {code}); the workers' "
+                "messages above say why"
+            )
+        return json.loads(out.read_text())["times"]
 
 
 def run(args: argparse.Namespace) -> int:
@@ -120,8 +169,20 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(f"--latency must be >= 0, got {args.latency}")
     if args.measure_link and (args.bandwidth is not None or args.latency != 0.0):
         raise ConfigError("give --measure-link or --bandwidth/--latency, not both")
+    if args.engine == "distributed" and args.layers_only:
+        raise ConfigError("--layers-only times the layers alone: not with --engine distributed")
+    if args.engine == "distributed" and args.device != "cpu":
+        raise ConfigError("--engine distributed profiles on the CPU (gloo): drop --device")
     balance = parse_balance(args.balance)
-    build_model, load_dataset, split = _front_end()
+    build_model, load_dataset, splitting = _front_end()
+    if args.engine == "distributed":
+        from timeprest.engine.launch import in_distributed_job
+
+        if in_distributed_job():
+            raise ConfigError(
+                "`timeprest profile --engine distributed` starts its own processes: run it "
+                "outside torchrun"
+            )
 
     ds = load_dataset(args.dataset, args.data_dir, image_size=args.image_size)
     torch.manual_seed(args.seed)
@@ -136,7 +197,8 @@ def run(args: argparse.Namespace) -> int:
     if x.shape[0] < n:
         raise ConfigError(f"the training set has {x.shape[0]} rows, fewer than {n} micro-batches")
     micro = torch.tensor_split(x, n)[0]
-    stages = split(model, w, balance, sample_input=micro, device=args.device)
+    plan = splitting.plan_split(model, w, balance, sample_input=micro, device=args.device)
+    stages = splitting.apply_plan(model, plan)
 
     def make_opt(params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
         if args.optimizer == "adam":
@@ -184,6 +246,27 @@ def run(args: argparse.Namespace) -> int:
                     "link": "measured: two local processes, the runtime's transport",
                 },
             )
+    if args.engine == "distributed":
+        from dataclasses import replace
+
+        # the workers build the same model from the seed and cut it the same way
+        times = _distributed_times(args, w, n, plan.layer_counts)
+        cost_model = replace(
+            cost_model,
+            overhead=0.0,  # the sends and receives are inside the runtime's action times
+            stages=tuple(
+                replace(c, forward_time=f, backward_time=b, update_time=u)
+                for c, (f, b, u) in zip(cost_model.stages, times)
+            ),
+            meta={
+                **cost_model.meta,
+                "timed": f"distributed runtime, method {args.method}",
+                "threads": 1,  # per process (RuntimeOptions.num_threads)
+                "emulator_times": [
+                    [c.forward_time, c.backward_time, c.update_time] for c in cost_model.stages
+                ],
+            },
+        )
     try:
         cost_model.save(args.out)
     except OSError as exc:
