@@ -145,6 +145,7 @@ def test_profile_times_the_distributed_runtime(capsys, tmp_path):
     assert code == 0, err
     cm = CostModel.load(out_file)
     assert cm.meta["timed"] == "distributed runtime, method i-timeprest"
+    assert cm.meta["threads"] == 1  # per process, as the runtime runs by default
     assert "timing the actions in 2 processes" in out and cm.overhead == 0.0
     emulated = cm.meta["emulator_times"]
     assert len(emulated) == 2 and all(f > 0 and b > 0 for f, b, _ in emulated)
@@ -184,6 +185,7 @@ def test_profile_bad_inputs(capsys, tmp_path):
         *run(capsys, *base, "--stages", "2", "--measure-link", "--latency", "1", *out),
         "not both",
     )
+    _one_line_error(*run(capsys, *base, "--stages", "2", "--threads", "0", *out), "--threads")
     distributed = ["--stages", "2", "--engine", "distributed", *out]
     _one_line_error(*run(capsys, *base, *distributed, "--layers-only"), "--layers-only")
     _one_line_error(*run(capsys, *base, *distributed, "--device", "cuda"), "drop --device")

@@ -53,6 +53,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--device", default="cpu", help="device to time on (default cpu)")
     p.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="intra-op threads to time with (default: this process's, torch's choice; "
+        "with --engine distributed: 1 per process, as the runtime runs)",
+    )
+    p.add_argument(
         "--warmup",
         type=int,
         default=None,
@@ -137,6 +144,7 @@ def _distributed_times(args: argparse.Namespace, w: int, n: int, layer_counts: A
         "warmup": warmup,
         "repeats": args.repeats,
         "timeout": 300.0,
+        "threads": 1 if args.threads is None else args.threads,
     }
     with tempfile.TemporaryDirectory(prefix="timeprest-profile-") as tmp:
         spec_path, out = Path(tmp) / "spec.json", Path(tmp) / "times.json"
@@ -154,6 +162,16 @@ def _distributed_times(args: argparse.Namespace, w: int, n: int, layer_counts: A
 def run(args: argparse.Namespace) -> int:
     import torch
 
+    threads = torch.get_num_threads()
+    try:
+        return _run(args)
+    finally:
+        torch.set_num_threads(threads)  # --threads holds for this command only
+
+
+def _run(args: argparse.Namespace) -> int:
+    import torch
+
     from timeprest.sim.profile import profile_stages
 
     resolved = resolve_args(args, warn=False)  # the method's N by default, as everywhere
@@ -169,6 +187,10 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(f"--latency must be >= 0, got {args.latency}")
     if args.measure_link and (args.bandwidth is not None or args.latency != 0.0):
         raise ConfigError("give --measure-link or --bandwidth/--latency, not both")
+    if args.threads is not None and args.threads < 1:
+        raise ConfigError(f"--threads must be >= 1, got {args.threads}")
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     if args.engine == "distributed" and args.layers_only:
         raise ConfigError("--layers-only times the layers alone: not with --engine distributed")
     if args.engine == "distributed" and args.device != "cpu":
@@ -261,7 +283,7 @@ def run(args: argparse.Namespace) -> int:
             meta={
                 **cost_model.meta,
                 "timed": f"distributed runtime, method {args.method}",
-                "threads": 1,  # per process (RuntimeOptions.num_threads)
+                "threads": 1 if args.threads is None else args.threads,  # per process
                 "emulator_times": [
                     [c.forward_time, c.backward_time, c.update_time] for c in cost_model.stages
                 ],

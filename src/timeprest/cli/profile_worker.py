@@ -52,7 +52,7 @@ def run(spec: dict[str, Any], out: str) -> None:
         optimizer=make_opt,
         loss_fn=torch.nn.functional.cross_entropy,
         engine="distributed",
-        runtime=RuntimeOptions(timeout=spec["timeout"]),
+        runtime=RuntimeOptions(timeout=spec["timeout"], num_threads=spec["threads"]),
     )
     warmup, repeats = spec["warmup"], spec["repeats"]
     times = pipe.time_actions([(x, y)] * (warmup + repeats), skip=warmup)
