@@ -146,11 +146,11 @@ def test_profile_times_the_distributed_runtime(capsys, tmp_path):
     cm = CostModel.load(out_file)
     assert cm.meta["timed"] == "distributed runtime, method i-timeprest"
     assert cm.meta["threads"] == 1  # per process, as the runtime runs by default
+    assert cm.meta["emulator_threads"] >= 1  # what the emulator's times were taken with
     assert "timing the actions in 2 processes" in out and cm.overhead == 0.0
     emulated = cm.meta["emulator_times"]
     assert len(emulated) == 2 and all(f > 0 and b > 0 for f, b, _ in emulated)
     assert all(c.forward_time > 0 and c.backward_time > 0 for c in cm.stages)
-    assert [c.forward_time for c in cm.stages] != [f for f, _, _ in emulated]  # timed again
     assert cm.stages[0].output_bytes > 0 and cm.stages[0].weight_bytes > 0
 
 

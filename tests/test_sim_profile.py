@@ -133,9 +133,14 @@ def test_time_actions_trains_and_times_every_stage():
     assert pipe.minibatches_done == 10 and [pipe.version(s) for s in range(3)] == [10] * 3
     assert len(costs) == 3 and all(f > 0 and b > 0 and u > 0 for f, b, u in costs)
     assert all(r.action_times is None for r in pipe.runners)
-    # two mini-batches, both the fill: nothing left, whatever the pipeline's count
-    with pytest.raises(ConfigError, match="no mini-batch from 12 on"):
-        pipe.time_actions(batches[:2], skip=2)
+    # the default skip is the fill, W = 3 mini-batches; refused before any training
+    with pytest.raises(ConfigError, match="got 3 mini-batches and skips the first 3"):
+        pipe.time_actions(batches[:3])
+    assert pipe.minibatches_done == 10
+    # an iterator's count is known only after it: trained, then refused, timing off
+    with pytest.raises(ConfigError, match="got 2 mini-batches and skips the first 2"):
+        pipe.time_actions(iter(batches[:2]), skip=2)
+    assert pipe.minibatches_done == 12
     assert all(r.action_times is None for r in pipe.runners)
     for bad in (-1, 1.5, True):
         with pytest.raises(ConfigError, match="skip must be an integer >= 0"):

@@ -366,16 +366,33 @@ class Pipeline:
         each runs: a cost model of that run, sends and receives included, for
         :func:`timeprest.sim.simulate` with the link's latency and bandwidth and no
         per-message overhead (docs/simulator.md). The training is real: the weights,
-        the report and ``minibatches_done`` move on as with :meth:`train`.
+        the report and ``minibatches_done`` move on as with :meth:`train`. On CUDA
+        (NCCL) a receive's wait does not hold the CPU, so the waiting there stays in
+        the action that follows it. The runners' ``action_times`` lists are replaced
+        for the call and unset after it.
         """
         skip = self.num_stages if skip is None else skip
         if not isinstance(skip, int) or isinstance(skip, bool) or skip < 0:
             raise ConfigError(f"skip must be an integer >= 0, got {skip!r}")
+        count = num_minibatches
+        if count is None and isinstance(batches, Sized):
+            count = len(batches)
+
+        def too_few(given: int) -> ConfigError:
+            return ConfigError(
+                f"time_actions got {given} mini-batches and skips the first {skip}: "
+                f"give more than {skip}, or a smaller skip"
+            )
+
+        if count is not None and count <= skip:  # known before any training
+            raise too_few(count)
         base = self.minibatches_done
         for r in self.runners:
             r.action_times = []
         try:
             self.train(batches, num_minibatches=num_minibatches)
+            if self.minibatches_done - base <= skip:  # an iterator that held fewer
+                raise too_few(self.minibatches_done - base)
 
             def costs() -> list[tuple[float, float, float]]:
                 return [action_costs(r.action_times or [], base + skip) for r in self.runners]

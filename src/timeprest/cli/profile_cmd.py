@@ -287,6 +287,7 @@ def _run(args: argparse.Namespace) -> int:
                 "emulator_times": [
                     [c.forward_time, c.backward_time, c.update_time] for c in cost_model.stages
                 ],
+                "emulator_threads": cost_model.meta["threads"],
             },
         )
     try:
