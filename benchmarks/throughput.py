@@ -308,16 +308,16 @@ class Ours:
     def run(self, batches: list[tuple[Tensor, Tensor]]) -> None:
         self.stamps = []
         runner = self.pipe.runners[0]
-        runner.action_times, runner.recv_seconds = [], 0.0
+        runner.action_times, runner.recv_seconds, runner.wait_seconds = [], 0.0, 0.0
         # on_loss is called live on the last rank: the time each mini-batch's loss is known
         self.pipe.train(batches, on_loss=self._stamp if self.last else None)
-        # seconds per micro-batch of this stage's F, B and U actions in the run, and of
-        # the waiting for a neighbour's message inside them
+        # seconds per micro-batch of this stage's F, B and U actions in the run, of the
+        # receives inside them, and of the receives' waiting for a message on its way
         micro = sum(count for kind, _, count, *_ in runner.action_times if kind == "B")
         self.breakdown = tuple(
             sum(sec for k, _, _, sec, _ in runner.action_times if k == kind) / micro
             for kind in "FBU"
-        ) + (runner.recv_seconds / micro,)
+        ) + (runner.recv_seconds / micro, runner.wait_seconds / micro)
         runner.action_times = None
 
 
@@ -393,7 +393,8 @@ def worker(rank: int, args: argparse.Namespace, port: int) -> None:
     run_profiles: dict[str, list[list[Any]]] = {name: [] for name in profiles}
     template: CostModel | None = None
     steady: dict[str, list[float]] = {name: [] for name in methods if name in OURS}
-    # per method, per round, per rank: (F, B, U, waiting) seconds per micro-batch in the run
+    # per method, per round, per rank: (F, B, U, receiving, of it waiting) seconds per
+    # micro-batch in the run
     breakdowns: dict[str, list[list[Any]]] = {name: [] for name in methods if name in OURS}
     # per method, per round: the bound around its run (samples/s)
     bounds: dict[str, list[float]] = {name: [] for name in methods}
@@ -720,7 +721,9 @@ def where_time_goes(
     print("== where the time goes in our runs (ms per micro-batch, medians over rounds) ==")
     print(
         "F, B, U: this stage's actions as timed inside the run (F and B include waiting for "
-        "a neighbour's message); waiting: the receives' share of F and B; work: "
+        "a neighbour's message); waiting: the receives' share of F and B (as in every grid "
+        "so far: the whole receive); recv own: of that, what is not waiting for the message "
+        "to come (Transport.waited: reading its record, copying it out); work: "
         "F + B + U - waiting; / F+B+U: work over the isolated F + B (fresh gradients) + "
         "U x updates per micro-batch (1/N; pipedream 1), the issue's measure; / own: over "
         "the method's own arithmetic in isolation (backwards from a mini-batch's second "
@@ -733,7 +736,8 @@ def where_time_goes(
         + ", ".join(f"stage {s} {sum(times[s][:3]) * 1e3:.2f}" for s in range(W))
     )
     print(
-        f"{'method':<14}{'stage':>6}{'F':>8}{'B':>8}{'U':>7}{'waiting':>9}{'work':>8}"
+        f"{'method':<14}{'stage':>6}{'F':>8}{'B':>8}{'U':>7}{'waiting':>9}{'recv own':>10}"
+        f"{'work':>8}"
         f"{'/ F+B+U':>9}{'/ own':>7}{'period':>8}"
     )
     out: dict[str, dict[str, float]] = {}
@@ -743,12 +747,14 @@ def where_time_goes(
         out[name] = {"work_of_fbu": 0.0, "work_of_own": 0.0}
         for s in range(W):
             f, b, u, wait = (med(r[s][i] for r in rounds) * 1e3 for i in range(4))
+            recv_own = med(r[s][3] - r[s][4] for r in rounds) * 1e3
             work = med((sum(r[s][:3]) - r[s][3]) for r in rounds) * 1e3
             fi, bi, ui, _ = times[s]
             fbu = (fi + bi + ui / nn_) * 1e3
             own = own_work(times[s], nn_) * 1e3  # type: ignore[arg-type]
             print(
-                f"{name:<14}{s:>6}{f:>8.2f}{b:>8.2f}{u:>7.2f}{wait:>9.2f}{work:>8.2f}"
+                f"{name:<14}{s:>6}{f:>8.2f}{b:>8.2f}{u:>7.2f}{wait:>9.2f}{recv_own:>10.3f}"
+                f"{work:>8.2f}"
                 f"{work / fbu:>9.2f}{work / own:>7.2f}{period:>8.2f}"
             )
             out[name]["work_of_fbu"] = max(out[name]["work_of_fbu"], work / fbu)
