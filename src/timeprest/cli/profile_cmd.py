@@ -104,7 +104,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-def _front_end() -> tuple[Any, Any, Any]:
+def front_end() -> tuple[Any, Any, Any]:
     """The model, data and splitting modules (written separately from the simulator)."""
     try:
         models = importlib.import_module("timeprest.models")
@@ -116,6 +116,40 @@ def _front_end() -> tuple[Any, Any, Any]:
             "use timeprest.sim.profile.profile_stages on your own stages instead"
         ) from None
     return models.build_model, data.load_dataset, split
+
+
+def model_and_sample(
+    build_model: Any,
+    load_dataset: Any,
+    model: str,
+    dataset: str,
+    data_dir: str | None,
+    image_size: int | None,
+    seed: int,
+    batch_size: int,
+) -> tuple[Any, Any, Any]:
+    """The model built from ``seed`` for ``dataset`` and the sample mini-batch (the training
+    set's first ``batch_size`` rows): what the profile and its distributed workers time."""
+    import torch
+
+    ds = load_dataset(dataset, data_dir, image_size=image_size)
+    torch.manual_seed(seed)
+    net = build_model(
+        model, in_channels=ds.in_channels, num_classes=ds.num_classes, image_size=ds.image_size
+    )
+    return net, ds.train.x[:batch_size], ds.train.y[:batch_size]
+
+
+def optimizer_factory(name: str, momentum: float) -> Any:
+    """``--optimizer``: the optimizer whose step is timed (Adam at 1e-3, else SGD at 0.01)."""
+    import torch
+
+    def make_opt(params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
+        if name == "adam":
+            return torch.optim.Adam(params, lr=1e-3)
+        return torch.optim.SGD(params, lr=0.01, momentum=momentum)
+
+    return make_opt
 
 
 def _distributed_times(args: argparse.Namespace, w: int, n: int, layer_counts: Any) -> Any:
@@ -196,7 +230,7 @@ def _run(args: argparse.Namespace) -> int:
     if args.engine == "distributed" and args.device != "cpu":
         raise ConfigError("--engine distributed profiles on the CPU (gloo): drop --device")
     balance = parse_balance(args.balance)
-    build_model, load_dataset, splitting = _front_end()
+    build_model, load_dataset, splitting = front_end()
     if args.engine == "distributed":
         from timeprest.engine.launch import in_distributed_job
 
@@ -206,26 +240,16 @@ def _run(args: argparse.Namespace) -> int:
                 "outside torchrun"
             )
 
-    ds = load_dataset(args.dataset, args.data_dir, image_size=args.image_size)
-    torch.manual_seed(args.seed)
-    model = build_model(
-        args.model,
-        in_channels=ds.in_channels,
-        num_classes=ds.num_classes,
-        image_size=ds.image_size,
-    )
-    x = ds.train.x[: args.batch_size]
-    y = ds.train.y[: args.batch_size]
+    model, x, y = model_and_sample(
+        build_model, load_dataset, args.model, args.dataset, args.data_dir, args.image_size,
+        args.seed, args.batch_size,
+    )  # fmt: skip
     if x.shape[0] < n:
         raise ConfigError(f"the training set has {x.shape[0]} rows, fewer than {n} micro-batches")
     micro = torch.tensor_split(x, n)[0]
     plan = splitting.plan_split(model, w, balance, sample_input=micro, device=args.device)
     stages = splitting.apply_plan(model, plan)
-
-    def make_opt(params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
-        if args.optimizer == "adam":
-            return torch.optim.Adam(params, lr=1e-3)
-        return torch.optim.SGD(params, lr=0.01, momentum=args.momentum)
+    make_opt = optimizer_factory(args.optimizer, args.momentum)
 
     cost_model = profile_stages(
         stages,

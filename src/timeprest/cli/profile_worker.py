@@ -22,28 +22,19 @@ def run(spec: dict[str, Any], out: str) -> None:
     import torch
 
     import timeprest
-    from timeprest.data import load_dataset
+    from timeprest.cli.profile_cmd import front_end, model_and_sample, optimizer_factory
     from timeprest.engine.runtime import RuntimeOptions
-    from timeprest.models import build_model
-    from timeprest.splitting import apply_plan, plan_split
 
-    ds = load_dataset(spec["dataset"], spec["data_dir"], image_size=spec["image_size"])
-    torch.manual_seed(spec["seed"])
-    model = build_model(
-        spec["model"],
-        in_channels=ds.in_channels,
-        num_classes=ds.num_classes,
-        image_size=ds.image_size,
-    )
+    build_model, load_dataset, splitting = front_end()
+    model, x, y = model_and_sample(
+        build_model, load_dataset, spec["model"], spec["dataset"], spec["data_dir"],
+        spec["image_size"], spec["seed"], spec["batch_size"],
+    )  # fmt: skip
     w, n = spec["stages"], spec["microbatches"]
-    x = ds.train.x[: spec["batch_size"]]
-    y = ds.train.y[: spec["batch_size"]]
-    stages = apply_plan(model, plan_split(model, w, tuple(spec["layer_counts"])))
-
-    def make_opt(params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
-        if spec["optimizer"] == "adam":
-            return torch.optim.Adam(params, lr=1e-3)
-        return torch.optim.SGD(params, lr=0.01, momentum=spec["momentum"])
+    stages = splitting.apply_plan(
+        model, splitting.plan_split(model, w, tuple(spec["layer_counts"]))
+    )
+    make_opt = optimizer_factory(spec["optimizer"], spec["momentum"])
 
     pipe = timeprest.Pipeline(
         stages,
