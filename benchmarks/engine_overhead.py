@@ -116,6 +116,22 @@ class Plain:
             self.opt.zero_grad(set_to_none=True)
 
 
+Computation = tuple[str, int, int, int | None]
+"""``(kind, stage, mini-batch, micro-batch)`` of one F, B or U (U: micro-batch None)."""
+
+
+def microbatch_order(stages: int, n: int, count: int) -> list[Computation]:
+    """A plain loop's order: each micro-batch forward through every stage and back, a
+    mini-batch's N of them, then every stage's update."""
+    order: list[Computation] = []
+    for t in range(count):
+        for j in range(n):
+            order += [("F", s, t, j) for s in range(stages)]
+            order += [("B", s, t, j) for s in reversed(range(stages))]
+        order += [("U", s, t, None) for s in range(stages)]
+    return order
+
+
 class PlainStages:
     """A plain loop over the stages as separate graphs, as any pipeline must run them: each
     stage's forward on the previous one's detached output, each stage's backward by its own
@@ -123,6 +139,8 @@ class PlainStages:
     ``.grad`` by autograd, one optimizer per stage (as every stage of a pipeline has its
     own); no versions, hooks or schedule. The engine's cost over this loop is the engine's
     own; this loop's over :class:`Plain` is the cost of cutting the model into stages.
+    Its computations run in :func:`microbatch_order`; :class:`PlainOrdered` runs the same
+    loop in the emulator's.
 
     (Until the tenth grid this loop called ``autograd.grad`` and added the gradients by
     hand: about 10 % slower at 256/16/8, which made the engine's own cost look smaller.)"""
@@ -132,31 +150,59 @@ class PlainStages:
         self.params = [list(m.parameters()) for m in self.stages]
         self.opts = [sgd(ps) for ps in self.params]
         self.n = n
+        self._orders: dict[int, list[Computation]] = {}
+
+    def order(self, count: int) -> list[Computation]:
+        """The computations of ``count`` mini-batches, in the order this loop runs them."""
+        if count not in self._orders:
+            self._orders[count] = microbatch_order(len(self.stages), self.n, count)
+        return self._orders[count]
 
     def __call__(self, batches: list[tuple[Tensor, Tensor]]) -> None:
-        for x, y in batches:
-            for xj, yj in zip(torch.tensor_split(x, self.n), torch.tensor_split(y, self.n)):
-                inputs, outputs, h = [], [], xj.clone()
-                for s, m in enumerate(self.stages):
-                    h_in = h.detach().requires_grad_(s > 0)
-                    h = m(h_in)
-                    inputs.append(h_in)
-                    outputs.append(h)
-                loss = nn.functional.mse_loss(h, yj.clone()) * (xj.shape[0] / x.shape[0])
-                float(loss.detach())
-                grad: Tensor | None = None
-                for s in reversed(range(len(self.stages))):
-                    root = loss if grad is None else outputs[s]
-                    want = self.params[s] + ([inputs[s]] if s > 0 else [])
-                    torch.autograd.backward(root, grad_tensors=grad, inputs=want)
-                    grad = inputs[s].grad if s > 0 else None
-            for opt in self.opts:
-                opt.step()
-                opt.zero_grad(set_to_none=True)
+        last = len(self.stages) - 1
+        split = [
+            (torch.tensor_split(x, self.n), torch.tensor_split(y, self.n), x.shape[0])
+            for x, y in batches
+        ]
+        inputs: dict[tuple[int, int, int], Tensor] = {}
+        outputs: dict[tuple[int, int, int], Tensor] = {}
+        grads: dict[tuple[int, int, int], Tensor] = {}
+        for kind, s, t, j in self.order(len(batches)):
+            if kind == "U":
+                self._update(s, live=any(k[0] == s for k in outputs))
+                continue
+            assert j is not None
+            key = (s, t, j)
+            if kind == "F":
+                xs, ys, rows = split[t]
+                h_in = xs[j].clone() if s == 0 else outputs[(s - 1, t, j)].detach()
+                h = self.stages[s](h_in.requires_grad_(s > 0))
+                if s == last:
+                    h = nn.functional.mse_loss(h, ys[j].clone()) * (xs[j].shape[0] / rows)
+                    float(h.detach())
+                inputs[key], outputs[key] = h_in, h
+            else:
+                h_in, out = inputs.pop(key), outputs.pop(key)
+                want = self.params[s] + ([h_in] if s > 0 else [])
+                torch.autograd.backward(out, grad_tensors=grads.pop(key, None), inputs=want)
+                if s > 0:
+                    grads[(s - 1, t, j)] = h_in.grad  # type: ignore[assignment]
 
-
-Computation = tuple[str, int, int, int | None]
-"""``(kind, stage, mini-batch, micro-batch)`` of one F, B or U (U: micro-batch None)."""
+    def _update(self, s: int, live: bool) -> None:
+        """Stage s's SGD step; under a live graph (a forward whose backward comes after this
+        update) out of place: the new weights go to new memory and the graph keeps the
+        old ones, the least weight stashing costs (no copy)."""
+        opt = self.opts[s]
+        if not live:
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            return
+        lr = opt.param_groups[0]["lr"]
+        with torch.no_grad():
+            for p in self.params[s]:
+                if p.grad is not None:
+                    p.data = torch.add(p.detach(), p.grad, alpha=-lr)
+                    p.grad = None
 
 
 class _Recorder:
@@ -219,55 +265,11 @@ class PlainOrdered(PlainStages):
 
     def __init__(self, stages: list[nn.Module], n: int, method: str, count: int) -> None:
         super().__init__(stages, n)
-        self.order = emulator_order(method, len(stages), n, count)
-        self.count = count
+        self._orders = {count: emulator_order(method, len(stages), n, count)}
 
-    def __call__(self, batches: list[tuple[Tensor, Tensor]]) -> None:
-        assert len(batches) == self.count, "built for another number of mini-batches"
-        last = len(self.stages) - 1
-        split = [
-            (torch.tensor_split(x, self.n), torch.tensor_split(y, self.n), x.shape[0])
-            for x, y in batches
-        ]
-        inputs: dict[tuple[int, int, int], Tensor] = {}
-        outputs: dict[tuple[int, int, int], Tensor] = {}
-        grads: dict[tuple[int, int, int], Tensor] = {}
-        for kind, s, t, j in self.order:
-            if kind == "U":
-                self._update(s, live=any(k[0] == s for k in outputs))
-                continue
-            assert j is not None
-            key = (s, t, j)
-            if kind == "F":
-                xs, ys, rows = split[t]
-                h_in = xs[j].clone() if s == 0 else outputs[(s - 1, t, j)].detach()
-                h = self.stages[s](h_in.requires_grad_(s > 0))
-                if s == last:
-                    h = nn.functional.mse_loss(h, ys[j].clone()) * (xs[j].shape[0] / rows)
-                    float(h.detach())
-                inputs[key], outputs[key] = h_in, h
-            else:
-                h_in, out = inputs.pop(key), outputs.pop(key)
-                want = self.params[s] + ([h_in] if s > 0 else [])
-                torch.autograd.backward(out, grad_tensors=grads.pop(key, None), inputs=want)
-                if s > 0:
-                    grads[(s - 1, t, j)] = h_in.grad  # type: ignore[assignment]
-
-    def _update(self, s: int, live: bool) -> None:
-        """Stage s's SGD step; under a live graph (a forward whose backward comes after this
-        update) out of place: the new weights go to new memory and the graph keeps the
-        old ones, the least weight stashing costs (no copy)."""
-        opt = self.opts[s]
-        if not live:
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            return
-        lr = opt.param_groups[0]["lr"]
-        with torch.no_grad():
-            for p in self.params[s]:
-                if p.grad is not None:
-                    p.data = torch.add(p.detach(), p.grad, alpha=-lr)
-                    p.grad = None
+    def order(self, count: int) -> list[Computation]:
+        assert count in self._orders, "built for another number of mini-batches"
+        return self._orders[count]
 
 
 class Engine:
