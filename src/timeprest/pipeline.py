@@ -73,6 +73,17 @@ def _remedy_overrides(remedies: RemedyOverrides) -> RemedyOverrides:
     return remedies
 
 
+def _count(batches: object, num_minibatches: int | None) -> int | None:
+    """How many mini-batches ``batches`` holds: ``num_minibatches``, else ``len()`` where it
+    has one, else None (an iterator, counted as it is read)."""
+    count = num_minibatches
+    if count is None and isinstance(batches, Sized):
+        count = len(batches)
+    if count is not None and (not isinstance(count, int) or count < 0):
+        raise ConfigError(f"num_minibatches must be an integer >= 0, got {count!r}")
+    return count
+
+
 class Pipeline:
     """Pipeline-parallel training of ``stages`` with a method's schedule and weight policy.
 
@@ -316,11 +327,7 @@ class Pipeline:
         is called as soon as each mini-batch's loss is known. ``pipe.report`` then holds
         this call's mini-batch records (each call replaces them, so memory stays flat).
         """
-        count = num_minibatches
-        if count is None and isinstance(batches, Sized):
-            count = len(batches)
-        if count is not None and (not isinstance(count, int) or count < 0):
-            raise ConfigError(f"num_minibatches must be an integer >= 0, got {count!r}")
+        count = _count(batches, num_minibatches)
         c = self.costs
         job = Job(
             batches=batches,
@@ -374,9 +381,7 @@ class Pipeline:
         skip = self.num_stages if skip is None else skip
         if not isinstance(skip, int) or isinstance(skip, bool) or skip < 0:
             raise ConfigError(f"skip must be an integer >= 0, got {skip!r}")
-        count = num_minibatches
-        if count is None and isinstance(batches, Sized):
-            count = len(batches)
+        count = _count(batches, num_minibatches)
 
         def too_few(given: int) -> ConfigError:
             return ConfigError(
