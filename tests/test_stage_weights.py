@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from torch import nn
@@ -74,9 +76,9 @@ def token_forwards(monkeypatch):
     calls = []
     real = runner_module.weight_tokens
 
-    def counting(saved, module, reads=None):
+    def counting(saved, module, reads=None, **kw):
         calls.append(saved.version)
-        return real(saved, module, reads)
+        return real(saved, module, reads, **kw)
 
     monkeypatch.setattr(runner_module, "weight_tokens", counting)
     return calls
@@ -160,3 +162,59 @@ def test_a_failed_run_leaves_no_forward_behind() -> None:
             pipe.train([good, good, bad, good, good])
         del pipe
         assert alive_tensors((23, 24)) == before, method
+
+
+@pytest.mark.parametrize("method", ["1f1b", "pipedream"])
+def test_parameters_moved_between_calls_are_read_where_they_now_are(method) -> None:
+    """The store keeps detached views of the live parameters for a schedule; parameters
+    moved to other storage between two ``train`` calls (as ``module.to`` or loading a
+    checkpoint may) are read there: the same bits as a pipeline whose parameters stayed."""
+
+    def pipe():
+        return timeprest.Pipeline(
+            tanh_mlp_stages(3), method=method, num_microbatches=2, optimizer=sgd(0.1),
+            loss_fn=torch.nn.functional.mse_loss,
+        )  # fmt: skip
+
+    stayed, moved = pipe(), pipe()
+    for p in (stayed, moved):
+        p.train(regression_batches(num=3))
+    for r in moved.runners:
+        for prm in r.params:
+            prm.data = prm.data.clone()
+    for p in (stayed, moved):
+        p.train(regression_batches(num=4, seed=2))
+    for a, b in zip(stayed.runners, moved.runners):
+        assert all(torch.equal(x, y) for x, y in zip(a.params, b.params))
+
+
+def test_buffers_replaced_between_calls_are_still_kept_by_reference() -> None:
+    """A BatchNorm whose running statistics were replaced by new tensors between two
+    ``train`` calls: the weight tokens know the new buffers (kept by reference, not
+    counted as saved activations), so the figures and the numbers are those of a
+    pipeline whose buffers stayed."""
+    torch.manual_seed(0)
+    base = [nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.Tanh()), nn.Linear(8, 2)]
+    pipes = [
+        timeprest.Pipeline(
+            [copy.deepcopy(m).double() for m in base],
+            method="pipedream",
+            num_microbatches=1,
+            optimizer=sgd(0.1),
+            loss_fn=torch.nn.functional.mse_loss,
+        )  # fmt: skip
+        for _ in range(2)
+    ]
+    for p in pipes:
+        p.train(regression_batches(num=3))
+    bn_new, bn_same = (p.runners[0].module[1] for p in pipes)
+    bn_new.running_mean = bn_new.running_mean.clone()
+    bn_new.running_var = bn_new.running_var.clone()
+    for p in pipes:
+        p.train(regression_batches(num=4, seed=2))
+    assert torch.equal(bn_new.running_mean, bn_same.running_mean)
+    assert [r.peak_activation_bytes for r in pipes[0].runners] == [
+        r.peak_activation_bytes for r in pipes[1].runners
+    ]
+    for a, b in zip(*(p.runners for p in pipes)):
+        assert all(torch.equal(x, y) for x, y in zip(a.params, b.params))

@@ -90,6 +90,9 @@ class VersionStore:
         self._stash: dict[int, list[Tensor]] = {}
         self.pool = BufferPool()
         self.bytes_per_version = tensor_bytes([p.detach() for p in params])
+        # detached views of the live parameters, made once: the updates change them in
+        # place; a stash moves the parameters to other storage and forgets these
+        self._live: list[Tensor] | None = None
         self.peak_versions = 1
         self.peak_bytes = self.bytes_per_version
 
@@ -97,7 +100,9 @@ class VersionStore:
     def get(self, version: int) -> list[Tensor]:
         """Detached tensors of ``version`` (the live storage for the latest)."""
         if version == self.latest:
-            return [p.detach() for p in self.params]
+            if self._live is None:
+                self._live = [p.detach() for p in self.params]
+            return self._live
         try:
             return self._stash[version]
         except KeyError:
@@ -105,6 +110,11 @@ class VersionStore:
             raise AssertionError(
                 f"weight version {version} is not held (held: {held}); the version plan is wrong"
             ) from None
+
+    def drop_views(self) -> None:
+        """Forget the live views (the parameters may have moved between schedules: a
+        checkpoint loaded, ``module.to``)."""
+        self._live = None
 
     @property
     def held_bytes(self) -> int:
@@ -125,6 +135,7 @@ class VersionStore:
                     fresh = moved_to[i]
                 p.data = fresh
             self._stash[self.latest] = kept
+        self._live = None
         self.observe()
 
     def advance(self) -> None:

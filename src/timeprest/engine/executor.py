@@ -67,9 +67,10 @@ class StageExecutor:
     def run(self) -> bool:
         """Execute ops until the program ends or a receive is not ready; True if any ran."""
         start = self.pos
-        r, tr = self.runner, self.transport
-        while self.pos < len(self.ops):
-            op = self.ops[self.pos]
+        r, tr, ops = self.runner, self.transport, self.ops
+        end = len(ops)
+        while self.pos < end:
+            op = ops[self.pos]
             if not tr.ready(op):
                 break
             # an update that must first meet other stages' gradients (docs/design.md section 11)

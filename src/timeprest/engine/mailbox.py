@@ -39,8 +39,9 @@ class CheckingMailbox:
     def ready(self, op: Op) -> bool:
         if op.op != "recv":
             return True
-        assert op.message is not None
-        return bool(self.channels.get(self.channel(op.message)))
+        m = op.message
+        assert m is not None
+        return bool(self.channels.get((m.src, m.dst, m.kind)))  # channel(m), without the call
 
     def recv(self, op: Op) -> Tensor:
         want = op.message

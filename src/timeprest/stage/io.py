@@ -93,6 +93,7 @@ class StreamedBatches:
         # reads that drop a mini-batch: N inputs and/or N targets, as this process reads them
         self._reads_needed = num_microbatches * sum(first_and_last)
         self.peak_held = 0
+        self._fractions: dict[int, list[float]] = {}
 
     def _get(self, t: int) -> Minibatch:
         while self._pulled <= t:
@@ -130,7 +131,10 @@ class StreamedBatches:
 
     def fraction(self, t: int, j: int) -> float:
         rows = int(self._get(t)[0].shape[0])
-        return microbatch_rows(rows, self._n)[j] / rows
+        fractions = self._fractions.get(rows)
+        if fractions is None:  # the same few row counts all epoch long
+            fractions = self._fractions[rows] = [r / rows for r in microbatch_rows(rows, self._n)]
+        return fractions[j]
 
     @property
     def held(self) -> int:

@@ -93,6 +93,7 @@ class StageRemedies:
         self.params = params
         self.optimizer = optimizer
         self.predicts = policy.forward == "predicted" and optimizer is not None
+        self.corrects = policy.correction.active  # gradient corrections (read per backward)
         if self.predicts:
             assert optimizer is not None
             check_predictable(optimizer)
@@ -149,10 +150,6 @@ class StageRemedies:
         """Whether :meth:`after_step` reads the step's gradients (weight prediction keeps
         them, Gap-Aware measures the step with them)."""
         return self.predicts or self.sq_steps is not None
-
-    @property
-    def corrects(self) -> bool:
-        return self.policy.correction.active
 
     def defer(self, v: int, grads: Grads) -> None:
         """Hold a stale micro-batch's gradients (forward version v) until the action ends."""

@@ -71,6 +71,8 @@ class StageRunner:
         self.lr_lambda = lr_lambda
         self.module = module
         self.num_stages = num_stages
+        self.is_first = index == 0
+        self.is_last = index == num_stages - 1
         self.num_microbatches = num_microbatches
         self.policy = policy
         self.loss_fn = loss_fn
@@ -102,6 +104,9 @@ class StageRunner:
         # saved-activation bytes per input (shape, dtype), counted by the first forward's tokens
         self._activation_bytes: dict[tuple[tuple[int, ...], torch.dtype], int] = {}
         self._has_buffers = any(True for _ in module.buffers())
+        # the module's buffers, for the weight tokens (listed again at every schedule: a
+        # buffer may be replaced between them)
+        self._buffers: list[Tensor] = list(module.buffers())
         # per-schedule state, set by begin()
         self.plan: StagePlan | None = None
         self.base_version = 0  # updates applied before the current schedule
@@ -121,6 +126,7 @@ class StageRunner:
         self._t0 = 0.0  # start of the action being timed
         self._w0 = 0.0  # wait_seconds at that start
         self._release_at: dict[int, list[int]] = {}  # program index -> versions read last there
+        self._last_index = -1  # the index of the schedule's last action
         # docs/design.md section 11, set by the Pipeline: autocast precision, per-stage
         # gradient clipping, and the group this stage combines gradients with before U
         self.precision = "fp32"
@@ -137,14 +143,6 @@ class StageRunner:
         self.distance_every = DEFAULT_DISTANCE_EVERY
 
     @property
-    def is_first(self) -> bool:
-        return self.index == 0
-
-    @property
-    def is_last(self) -> bool:
-        return self.index == self.num_stages - 1
-
-    @property
     def accumulated_grads(self) -> Grads:
         """The gradients accumulated since the last update (None where none arrived)."""
         return list(self._grads)
@@ -158,6 +156,9 @@ class StageRunner:
         for v, last in plan.keep_until.items():
             self._release_at.setdefault(last, []).append(v)
         self.base_version = self.store.latest
+        self.store.drop_views()
+        self._buffers = list(self.module.buffers())
+        self._last_index = len(plan.held) - 1  # the program's last action
         # counted again per schedule (the module may have been switched to eval and back)
         self._activation_bytes = {}
         self.base_minibatch = base_minibatch
@@ -186,7 +187,7 @@ class StageRunner:
                     self._accumulate(grads)
         for v in self._release_at.get(index, ()):
             self.store.release(self.base_version + v)
-        if index == len(self.plan.held) - 1:  # drained: the spare tensors go
+        if index == self._last_index:  # drained: the spare tensors go
             self.store.pool.clear()
         if self.action_times is not None:
             sync_device(self.device)
@@ -252,31 +253,35 @@ class StageRunner:
             else:
                 leaves = [w.detach().requires_grad_() for w in weights]
             reads, extra = self.remedies.predicted(leaves, d)
-            self.store.observe(extra)
+            if extra:
+                self.store.observe(extra)
             saved = Saved(x if not self.is_first else None, None, leaves, v, 0)
             shape = (tuple(x.shape), x.dtype)
             known = self._activation_bytes.get(shape)
             tokens = not same or self._has_buffers or known is None
-            hooks = (
-                torch.autograd.graph.saved_tensors_hooks(*weight_tokens(saved, self.module, reads))
-                if tokens
-                else contextlib.nullcontext()
-            )
             fuse = self._fuses(t, j, v, reads is leaves)
-            with (
-                hooks,
-                self._rng(t, j),
-                autocast(self.device, self.precision),
-                self.fused.forward(leaves) if fuse else contextlib.nullcontext() as record,
-            ):
-                out = self._checked_call(reads, x)
-                if self.is_last:
-                    loss = self._loss(out, target, t, j)
-                    out = self._backward_root(loss, frac)
-            if record is not None:
-                saved.fused = self.fused.after(record, out)
-            if self.is_last:
-                self._record_loss(t, j, loss, frac)
+            if tokens or fuse or self.precision != "fp32":
+                hooks = (
+                    torch.autograd.graph.saved_tensors_hooks(
+                        *weight_tokens(saved, self.module, reads, buffers=self._buffers)
+                    )
+                    if tokens
+                    else contextlib.nullcontext()
+                )
+                with (
+                    hooks,
+                    self._rng(t, j),
+                    autocast(self.device, self.precision),
+                    self.fused.forward(leaves) if fuse else contextlib.nullcontext() as record,
+                ):
+                    out, mb_loss = self._forward_call(reads, x, target, t, j, frac)
+                if record is not None:
+                    saved.fused = self.fused.after(record, out)
+            else:  # the common case, without the three no-op contexts (~2 us a forward)
+                with self._rng(t, j):
+                    out, mb_loss = self._forward_call(reads, x, target, t, j, frac)
+            if mb_loss is not None:
+                self._record_loss(t, j, mb_loss, frac)
             else:
                 sent = out.detach()
             saved.out = out
@@ -287,9 +292,15 @@ class StageRunner:
         self._saved[(t, j)] = saved
         self.activation_bytes_live += saved.activation_bytes
         self.peak_activation_bytes = max(self.peak_activation_bytes, self.activation_bytes_live)
-        step = self.steps.setdefault(t, StageStep())
+        step = self._step(t)
         step.forward_versions.append(v)
         return sent
+
+    def _step(self, t: int) -> StageStep:
+        step = self.steps.get(t)
+        if step is None:
+            step = self.steps[t] = StageStep()
+        return step
 
     def _fuses(self, t: int, j: int, v: int, plain_reads: bool) -> bool:
         """Whether F{t}.{j}'s nn.Linear weight gradients can be added in the product: its
@@ -316,6 +327,17 @@ class StageRunner:
         if v != self.store.latest or self.remedies.predicts:  # autograd keeps the weights
             return False
         return self.plan.backward_reads_forward_tensors(t, j, self.policy)
+
+    def _forward_call(
+        self, reads: list[Tensor], x: Tensor, target: Tensor | None, t: int, j: int, frac: float
+    ) -> tuple[Tensor, Tensor | None]:
+        """The stage's module on ``reads``; at the last stage (root to backpropagate, loss),
+        elsewhere (output, None)."""
+        out = self._checked_call(reads, x)
+        if not self.is_last:
+            return out, None
+        loss = self._loss(out, target, t, j)
+        return self._backward_root(loss, frac), loss
 
     def _checked_call(self, weights: list[Tensor], x: Tensor) -> Tensor:
         if self._checked_input:
@@ -356,7 +378,8 @@ class StageRunner:
         assert k - self.base_version == self.plan.backward_version[(t, j)]
         measure = (self.base_minibatch + t) % self.distance_every == 0
         weights, transient, dist = self._backward.get(v, k, self.base_version, measure)
-        self.store.observe(transient)
+        if transient:  # what is held now was observed when it changed (stash, update)
+            self.store.observe(transient)
         want_dx = not self.is_first
         grads: list[Tensor | None]
         dx: Tensor | None
@@ -385,7 +408,7 @@ class StageRunner:
             assert saved.x is not None
             dx = torch.zeros_like(saved.x)
         self.activation_bytes_live -= saved.activation_bytes
-        step = self.steps.setdefault(t, StageStep())
+        step = self._step(t)
         step.backward_version = k
         step.staleness.append(k - v)
         n_done = len(step.staleness)

@@ -135,12 +135,18 @@ def _cast_input(t: Tensor) -> Any:
 
 
 def weight_tokens(
-    saved: Saved, module: nn.Module, reads: Sequence[Tensor] | None = None
+    saved: Saved,
+    module: nn.Module,
+    reads: Sequence[Tensor] | None = None,
+    *,
+    buffers: Sequence[Tensor] | None = None,
 ) -> tuple[Callable[[Tensor], Any], Callable[[Any], Tensor]]:
     """The pack/unpack pair: weight reads become tokens; other saved bytes are counted.
 
     ``reads``: the tensors the forward runs on, when they are not the leaves
-    themselves (a predicted forward computes them from the leaves).
+    themselves (a predicted forward computes them from the leaves). ``buffers``:
+    ``module``'s buffers, when the caller has them at hand (walking the module for
+    them costs more than the rest of this set-up at small sizes).
     """
     # ints only: the closures live as long as the graph and must not keep predicted weights
     storages = {
@@ -152,7 +158,11 @@ def weight_tokens(
     # forward; autograd saves them although a training-mode backward does
     # not use their values. Keep a reference instead of a versioned copy,
     # or the next micro-batch's forward would trip autograd's version check.
-    buffers = {b.untyped_storage().data_ptr(): b for b in module.buffers() if b.numel() > 0}
+    by_ptr = {
+        b.untyped_storage().data_ptr(): b
+        for b in (module.buffers() if buffers is None else buffers)
+        if b.numel() > 0
+    }
     leaf_index = {id(w): i for i, w in enumerate(saved.leaves)}
     # casts of predicted weights (computed from the leaves) are weight reads too
     node_index = {id(w.grad_fn): i for i, w in enumerate(reads or ()) if w.grad_fn is not None}
@@ -171,8 +181,8 @@ def weight_tokens(
         if found is not None and t.device == found[1]:
             i, _, offset = found
             return ("w", i, t.size(), t.stride(), t.storage_offset() - offset)
-        if ptr in buffers:
-            return ("b", buffers[ptr])
+        if ptr in by_ptr:
+            return ("b", by_ptr[ptr])
         base = t if t._base is None else t._base
         node = _cast_input(base)
         if node is not None:
