@@ -218,3 +218,46 @@ def test_buffers_replaced_between_calls_are_still_kept_by_reference() -> None:
     ]
     for a, b in zip(*(p.runners for p in pipes)):
         assert all(torch.equal(x, y) for x, y in zip(a.params, b.params))
+
+
+class _Scaled(nn.Module):
+    """Linear, times a buffer that the forward itself changes: by a new tensor each time
+    (``replace``) or in place."""
+
+    def __init__(self, replace: bool) -> None:
+        super().__init__()
+        self.lin = nn.Linear(4, 8)
+        self.register_buffer("scale", torch.ones(8))
+        self.replace = replace
+
+    def forward(self, x):
+        y = self.lin(x) * self.scale  # autograd saves the buffer
+        with torch.no_grad():
+            if self.replace:
+                self.scale = self.scale * 0.99 + 0.01
+            else:
+                self.scale.mul_(0.99).add_(0.01)
+        return torch.tanh(y)
+
+
+@pytest.mark.parametrize("method", ["1f1b", "pipedream"])
+def test_a_buffer_the_forward_replaces_is_still_kept_by_reference(method) -> None:
+    """The weight tokens read the module's buffers as they are at each forward: one the
+    forward replaces by a new tensor is kept by reference, not counted as a saved
+    activation, the same figures and numbers as a buffer changed in place."""
+    pipes = []
+    for replace in (True, False):
+        torch.manual_seed(0)
+        stages = [_Scaled(replace).double(), nn.Linear(8, 2).double()]
+        pipe = timeprest.Pipeline(
+            stages, method=method, num_microbatches=4, optimizer=sgd(0.1),
+            loss_fn=torch.nn.functional.mse_loss,
+        )  # fmt: skip
+        pipe.train(regression_batches(num=4, rows=16))
+        pipes.append(pipe)
+    replaced, in_place = pipes
+    assert [r.peak_activation_bytes for r in replaced.runners] == [
+        r.peak_activation_bytes for r in in_place.runners
+    ]
+    for a, b in zip(replaced.runners, in_place.runners):
+        assert all(torch.equal(x, y) for x, y in zip(a.params, b.params))

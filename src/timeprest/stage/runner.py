@@ -36,6 +36,7 @@ from timeprest.stage.step import step_in_place
 from timeprest.stage.weights import (
     Grads,
     Saved,
+    buffer_slots,
     call_with,
     microbatch_seed,
     parameter_slots,
@@ -104,9 +105,10 @@ class StageRunner:
         # saved-activation bytes per input (shape, dtype), counted by the first forward's tokens
         self._activation_bytes: dict[tuple[tuple[int, ...], torch.dtype], int] = {}
         self._has_buffers = any(True for _ in module.buffers())
-        # the module's buffers, for the weight tokens (listed again at every schedule: a
-        # buffer may be replaced between them)
-        self._buffers: list[Tensor] = list(module.buffers())
+        # where the module holds its buffers, for the weight tokens: found again at every
+        # schedule (a buffer may be registered between them), read at every forward (a
+        # module may replace a buffer in its own forward)
+        self._buffer_slots = buffer_slots(module)
         # per-schedule state, set by begin()
         self.plan: StagePlan | None = None
         self.base_version = 0  # updates applied before the current schedule
@@ -157,7 +159,7 @@ class StageRunner:
             self._release_at.setdefault(last, []).append(v)
         self.base_version = self.store.latest
         self.store.drop_views()
-        self._buffers = list(self.module.buffers())
+        self._buffer_slots = buffer_slots(self.module)
         self._last_index = len(plan.held) - 1  # the program's last action
         # counted again per schedule (the module may have been switched to eval and back)
         self._activation_bytes = {}
@@ -263,7 +265,7 @@ class StageRunner:
             if tokens or fuse or self.precision != "fp32":
                 hooks = (
                     torch.autograd.graph.saved_tensors_hooks(
-                        *weight_tokens(saved, self.module, reads, buffers=self._buffers)
+                        *weight_tokens(saved, self.module, reads, buffers=self._buffers())
                     )
                     if tokens
                     else contextlib.nullcontext()
@@ -295,6 +297,11 @@ class StageRunner:
         step = self._step(t)
         step.forward_versions.append(v)
         return sent
+
+    def _buffers(self) -> list[Tensor]:
+        """The module's buffers as they are now."""
+        found = (m._buffers.get(name) for m, name in self._buffer_slots)
+        return [b for b in found if b is not None]
 
     def _step(self, t: int) -> StageStep:
         step = self.steps.get(t)

@@ -52,6 +52,19 @@ def parameter_slots(module: nn.Module, params: Sequence[Tensor]) -> Slots:
     return slots
 
 
+def buffer_slots(module: nn.Module) -> list[tuple[nn.Module, str]]:
+    """Every (submodule, name) holding a buffer, each once: ``module.buffers()`` without
+    walking the module again (read them with ``submodule._buffers[name]``)."""
+    slots: list[tuple[nn.Module, str]] = []
+    seen: set[int] = set()
+    for _, mod in module.named_modules():
+        for name, b in mod._buffers.items():
+            if b is not None and id(b) not in seen:
+                seen.add(id(b))
+                slots.append((mod, name))
+    return slots
+
+
 def call_with(
     module: nn.Module, slots: Slots, params: Sequence[Tensor], weights: Sequence[Tensor], x: Tensor
 ) -> Tensor:
