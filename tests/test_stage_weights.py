@@ -202,7 +202,7 @@ def test_buffers_replaced_between_calls_are_still_kept_by_reference() -> None:
             num_microbatches=1,
             optimizer=sgd(0.1),
             loss_fn=torch.nn.functional.mse_loss,
-        )  # fmt: skip
+        )
         for _ in range(2)
     ]
     for p in pipes:

@@ -135,7 +135,7 @@ class VersionStore:
                     fresh = moved_to[i]
                 p.data = fresh
             self._stash[self.latest] = kept
-        self._live = None
+        self.drop_views()
         self.observe()
 
     def advance(self) -> None:

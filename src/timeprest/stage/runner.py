@@ -104,11 +104,11 @@ class StageRunner:
         self._checked_input = False
         # saved-activation bytes per input (shape, dtype), counted by the first forward's tokens
         self._activation_bytes: dict[tuple[tuple[int, ...], torch.dtype], int] = {}
-        self._has_buffers = any(True for _ in module.buffers())
         # where the module holds its buffers, for the weight tokens: found again at every
         # schedule (a buffer may be registered between them), read at every forward (a
         # module may replace a buffer in its own forward)
         self._buffer_slots = buffer_slots(module)
+        self._has_buffers = bool(self._buffer_slots)
         # per-schedule state, set by begin()
         self.plan: StagePlan | None = None
         self.base_version = 0  # updates applied before the current schedule
