@@ -198,6 +198,30 @@ def read_manifest(directory: str | os.PathLike[str]) -> dict[str, Any]:
     return manifest
 
 
+def read_stage_file(path: Path, stage: int, cursor: object, map_location: Any) -> dict[str, Any]:
+    """Stage ``stage``'s file of a checkpoint whose manifest says ``cursor`` mini-batches;
+    an unreadable or mismatched file is one ConfigError line."""
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as exc:  # unpickling fails in many ways, each with its own type
+        lines = str(exc).strip().splitlines()
+        why = lines[0] if lines else type(exc).__name__
+        raise ConfigError(f"{path} is unreadable (corrupt or cut short?): {why}") from exc
+    if not isinstance(state, dict):
+        raise ConfigError(f"{path} is not a timeprest stage file")
+    if state.get("stage") != stage:
+        raise ConfigError(
+            f"{path} holds stage {state.get('stage')!r}, not stage {stage}: the checkpoint's "
+            "stage files were mixed up"
+        )
+    if state.get("minibatches_done") != cursor:
+        raise ConfigError(
+            f"{path} is from mini-batch {state.get('minibatches_done')} but the manifest says "
+            f"{cursor}: the checkpoint was cut off while being written; use an older one"
+        )
+    return state
+
+
 def _check_config(config: dict[str, Any], manifest: dict[str, Any], directory: Path) -> None:
     if manifest["config_hash"] == config_hash(config):
         return
@@ -265,13 +289,7 @@ def load_checkpoint(
             path = d / stage_file(r.index)
             if not path.exists():
                 raise ConfigError(f"checkpoint {d} has no file for stage {r.index} ({path.name})")
-            state = torch.load(path, map_location=r.device, weights_only=True)
-            if state.get("stage") != r.index or state.get("minibatches_done") != cursor:
-                raise ConfigError(
-                    f"{path} is from mini-batch {state.get('minibatches_done')} but the "
-                    f"manifest says {cursor}: the checkpoint was cut off while being "
-                    "written; use an older one"
-                )
+            state = read_stage_file(path, r.index, cursor, r.device)
             states.append((r, state, path))
         for r, state, path in states:
             _apply(r, state, path)

@@ -26,7 +26,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
-from timeprest.checkpoint import MANIFEST, atomic_write, read_manifest, stage_file
+from timeprest.checkpoint import MANIFEST, atomic_write, read_manifest, read_stage_file, stage_file
 from timeprest.errors import ConfigError
 from timeprest.splitting.layers import join_key
 from timeprest.splitting.partition import SplitPlan
@@ -203,16 +203,7 @@ def _stage_module_state(checkpoint: Path, stage: int, cursor: Any) -> dict[str, 
             f"checkpoint {checkpoint} has no {path.name} (a distributed run on several nodes "
             "keeps each stage's file on its node: gather them into one directory)"
         )
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # unpickling fails in many ways, each with its own type
-        raise ConfigError(f"cannot read {path}: {str(exc).strip().splitlines()[0]}") from exc
-    if state.get("stage") != stage or state.get("minibatches_done") != cursor:
-        raise ConfigError(
-            f"{path} is stage {state.get('stage')} after mini-batch "
-            f"{state.get('minibatches_done')}, the manifest expects stage {stage} after {cursor}: "
-            "the checkpoint was cut off while being written"
-        )
+    state = read_stage_file(path, stage, cursor, "cpu")
     module: dict[str, Tensor] = state["module"]
     return module
 

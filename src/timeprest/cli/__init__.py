@@ -2,8 +2,9 @@
 
 Each sub-command lives in its own module with ``register(subparsers)``; the
 function it sets as ``func`` takes the parsed arguments and returns an exit
-code. Any :class:`~timeprest.errors.TimeprestError` becomes one line on
-stderr and exit code 2, never a traceback.
+code. Any :class:`~timeprest.errors.TimeprestError`, and any error of the file
+system (a path that is a file, a folder without write permission, a full
+disk), becomes one line on stderr and exit code 2, never a traceback.
 """
 
 from __future__ import annotations
@@ -62,6 +63,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())
         return 0
+    except OSError as exc:  # a path the user gave: not a directory, no permission, no space
+        print(f"timeprest {args.command}: error: {describe_os_error(exc)}", file=sys.stderr)
+        return 2
+
+
+def describe_os_error(exc: OSError) -> str:
+    """One line for a file-system error: what failed, and on which path."""
+    what = exc.strerror or str(exc) or type(exc).__name__
+    paths = [p for p in (exc.filename, exc.filename2) if p is not None]
+    return f"{what}: " + " -> ".join(map(str, paths)) if paths else what
 
 
 def run() -> None:

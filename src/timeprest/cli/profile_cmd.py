@@ -229,6 +229,15 @@ def _run(args: argparse.Namespace) -> int:
         raise ConfigError("--layers-only times the layers alone: not with --engine distributed")
     if args.engine == "distributed" and args.device != "cpu":
         raise ConfigError("--engine distributed profiles on the CPU (gloo): drop --device")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(
+            f"--device {args.device} but no CUDA device is available; use --device cpu"
+        )
+    if args.model == "gpt":
+        raise ConfigError(
+            "timeprest profile times the image models on an image dataset: --model gpt is not "
+            "supported here"
+        )
     balance = parse_balance(args.balance)
     build_model, load_dataset, splitting = front_end()
     if args.engine == "distributed":

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import warnings
 
@@ -136,6 +137,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
+CHART_SUFFIXES = (".png", ".svg", ".pdf")
+"""What ``--png`` may name (matplotlib picks the format from the suffix)."""
+
 # the uniform cost model's defaults: forward 1 s, backward 2 s, nothing else
 UNIFORM_DEFAULTS: dict[str, float] = {
     "forward_time": 1.0,
@@ -156,6 +160,10 @@ def run(args: argparse.Namespace) -> int:
         flags = ", ".join("--" + k.replace("_", "-") for k in given)
         raise ConfigError(
             f"--cost-file {args.cost_file} gives every cost; drop {flags} or drop --cost-file"
+        )
+    if args.png and os.path.splitext(args.png)[1].lower() not in CHART_SUFFIXES:
+        raise ConfigError(
+            f"--png {args.png}: name a chart file ending in {', '.join(CHART_SUFFIXES)}"
         )
     v = {**UNIFORM_DEFAULTS, **given}
     for name, value in v.items():

@@ -26,7 +26,11 @@ def register(sub: argparse._SubParsersAction) -> None:
         action="store_true",
         help="continue the run in --run-dir from its last checkpoint",
     )
-    p.add_argument("--overwrite", action="store_true", help="replace what --run-dir holds")
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace the run --run-dir holds (removed once the new run has passed its checks)",
+    )
     p.add_argument("--verbose", action="store_true", help="print full error texts")
     p.set_defaults(func=run)
 

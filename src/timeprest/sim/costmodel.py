@@ -276,6 +276,8 @@ class CostModel:
             text = p.read_text()
         except FileNotFoundError:
             raise ConfigError(f"cost file {str(p)!r} does not exist") from None
+        except UnicodeDecodeError:
+            raise ConfigError(f"cost file {str(p)!r} is not UTF-8 text (not JSON)") from None
         except OSError as exc:
             raise ConfigError(f"cannot read cost file {str(p)!r}: {exc.strerror}") from None
         try:

@@ -8,6 +8,7 @@ from typing import Any
 from torch import Tensor, nn
 from torch.nn import functional as F
 
+from timeprest.errors import ConfigError
 from timeprest.tasks.base import DataInfo, Metrics, Minibatch, sum_over_batches
 
 
@@ -17,6 +18,11 @@ class ClassificationTask:
     name = "classification"
 
     def __init__(self, cfg: Any) -> None:
+        if cfg.model == "gpt":
+            raise ConfigError(
+                f"--model gpt is a language model over byte-level text, and {cfg.dataset} is "
+                "an image dataset: use --dataset shakespeare or text:PATH, or an image model"
+            )
         self.cfg = cfg
 
     def loss_fn(self, output: Tensor, target: Tensor) -> Tensor:

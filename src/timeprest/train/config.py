@@ -259,7 +259,16 @@ class TrainConfig:
 
     def validate(self) -> None:
         """Raise ConfigError for any bad value, with the value and the fix."""
+        from timeprest.models import MODEL_NAMES
+
         get_method(self.method)
+        if self.model not in MODEL_NAMES:  # before a distributed run starts its processes
+            raise ConfigError(
+                f"unknown model {self.model!r}; valid names: {', '.join(MODEL_NAMES)}"
+            )
+        from timeprest.tasks import task_for
+
+        task_for(self)  # a model that does not fit the dataset's task (gpt on images)
         for name in ("stages", "epochs", "batch_size", "eval_batch_size", "data_parallel"):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:

@@ -40,6 +40,7 @@ from timeprest.train.records import (
 )
 from timeprest.train.rundir import (
     Progress,
+    clear_replaced_run,
     prepare_run_dir,
     run_dir_of,
     saved_split,
@@ -219,8 +220,6 @@ def _train(
         cfg, steps_per_epoch, task=task, all_stages=stages, tied=tied,
         **ctx.pipeline_options(stages),
     )  # fmt: skip
-    if ctx.writes:
-        write_run_files(run_dir, cfg, pipe.describe(), info.augment, plan.to_dict(), **ctx.env())
     where = f"in {ctx.world_size} processes" if ctx.world_size > 1 else "stages"
     log(
         f"{cfg.method}: {cfg.model} on {cfg.dataset} ({info.description}), W={cfg.stages} "
@@ -247,8 +246,13 @@ def _train(
             trim_logs(epochs_log, mb_log, done.history, pipe.minibatches_done, evals_log)
         log(f"resumed {run_dir} after epoch {done.epoch}")
     elif ctx.writes:
+        # every check has passed: only now does --overwrite remove the run it replaces
+        clear_replaced_run(cfg, resume=resume, overwrite=overwrite)
         for old in (epochs_log, mb_log, evals_log):
             old.unlink(missing_ok=True)
+    if ctx.writes:  # a resumed run keeps the split.json that chose its stages
+        split = None if resume and (run_dir / "split.json").exists() else plan.to_dict()
+        write_run_files(run_dir, cfg, pipe.describe(), info.augment, split, **ctx.env())
     tb = EpochWriter(run_dir, start_epoch=done.epoch, enabled=ctx.writes)  # no-op without TB
     history = list(done.history)
     factor = lr_factor(cfg, steps_per_epoch)

@@ -137,8 +137,12 @@ def read_epochs(run_dir: Path) -> list[EpochRow]:
     log = run_dir / "epochs.jsonl"
     if not log.is_file():
         return []
+    try:
+        text = log.read_text()
+    except UnicodeDecodeError:
+        raise ConfigError(f"{log} is unreadable: not UTF-8 text") from None
     rows = []
-    for n, line in enumerate(log.read_text().splitlines(), start=1):
+    for n, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
         try:

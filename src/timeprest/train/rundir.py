@@ -27,7 +27,7 @@ import torch
 
 from timeprest._version import __version__
 from timeprest.errors import ConfigError
-from timeprest.files import read_json, write_json
+from timeprest.files import read_json, read_json_object, write_json
 from timeprest.train.config import RUN_IDENTITY, TrainConfig
 from timeprest.train.records import EpochRow
 
@@ -43,11 +43,22 @@ def run_dir_of(cfg: TrainConfig) -> Path:
 
 
 def prepare_run_dir(cfg: TrainConfig, *, resume: bool, overwrite: bool) -> Path:
-    """Create the run directory, or check that resuming it matches ``cfg``."""
+    """Create the run directory, or check that resuming (or replacing) it fits ``cfg``.
+
+    Nothing is deleted here: a run that ``overwrite`` replaces is removed by
+    :func:`clear_replaced_run` once the new run has passed its checks.
+    """
     run_dir = run_dir_of(cfg)
+    if run_dir.exists() and not run_dir.is_dir():
+        raise ConfigError(f"cannot create run dir {run_dir}: a file of that name exists")
     cfg_file = run_dir / "config.json"
     if cfg_file.exists():
         old = read_json(cfg_file)
+        if not (isinstance(old, dict) and all(k in old for k in RUN_IDENTITY)):
+            raise ConfigError(
+                f"run dir {run_dir} holds a config.json that no timeprest run wrote: "
+                "choose another --run-dir"
+            )
         diffs = [k for k in RUN_IDENTITY if old.get(k) != getattr(cfg, k)]
         if resume:
             if diffs:
@@ -57,7 +68,7 @@ def prepare_run_dir(cfg: TrainConfig, *, resume: bool, overwrite: bool) -> Path:
                     f"now {k}={getattr(cfg, k)!r}"
                 )
         elif overwrite:
-            shutil.rmtree(run_dir)
+            _check_replaceable(run_dir)
         else:
             what = (
                 f"a different run ({diffs[0]}={old.get(diffs[0])!r})"
@@ -74,8 +85,35 @@ def prepare_run_dir(cfg: TrainConfig, *, resume: bool, overwrite: bool) -> Path:
         raise ConfigError(
             f"run dir {run_dir} exists and is not empty: choose another --run-dir or --overwrite"
         )
-    run_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(f"cannot create run dir {run_dir}: {exc.strerror}") from None
+    if not os.access(run_dir, os.W_OK | os.X_OK):
+        raise ConfigError(f"cannot write into run dir {run_dir}: permission denied")
     return run_dir
+
+
+def _check_replaceable(run_dir: Path) -> None:
+    """``--overwrite`` removes a whole run dir: never one that holds the working
+    directory or the home directory."""
+    where = run_dir.resolve()
+    for kept in (Path.cwd().resolve(), Path.home().resolve()):
+        if where == kept or where in kept.parents:
+            raise ConfigError(
+                f"--overwrite would delete {run_dir}, which holds {kept}: "
+                "choose a --run-dir of its own"
+            )
+
+
+def clear_replaced_run(cfg: TrainConfig, *, resume: bool, overwrite: bool) -> None:
+    """Remove the run that ``--overwrite`` replaces (checked by :func:`prepare_run_dir`),
+    right before the new run writes its first file: a run that fails its checks
+    earlier leaves the old one as it was."""
+    run_dir = run_dir_of(cfg)
+    if overwrite and not resume and (run_dir / "config.json").exists():
+        shutil.rmtree(run_dir)
+        run_dir.mkdir(parents=True)
 
 
 def environment(cfg: TrainConfig) -> dict[str, Any]:
@@ -98,16 +136,18 @@ def write_run_files(
     cfg: TrainConfig,
     described: dict[str, Any],
     augment: bool,
-    split: dict[str, Any],
+    split: dict[str, Any] | None,
     **env: Any,
 ) -> None:
-    """config.json (with what the pipeline resolved: ``described``), env.json and split.json."""
+    """config.json (with what the pipeline resolved: ``described``), env.json and split.json
+    (unless ``split`` is None)."""
     resolved = {**cfg.to_dict(), "resolved": dict(described)}
     resolved["resolved"]["num_microbatches"] = cfg.num_microbatches
     resolved["resolved"]["augment"] = augment
     write_json(run_dir / "config.json", resolved)
     write_json(run_dir / "env.json", {**environment(cfg), **env})
-    write_json(run_dir / "split.json", split)
+    if split is not None:
+        write_json(run_dir / "split.json", split)
 
 
 def saved_split(run_dir: Path, resume: bool) -> list[int] | None:
@@ -131,7 +171,7 @@ class Progress:
         f = ckpt_dir / "progress.json"
         if not f.exists():
             raise ConfigError(f"--resume: no checkpoint in {ckpt_dir}")
-        data = read_json(f)
+        data = read_json_object(f, ("epoch", "history", "wall_time"))
         history = [EpochRow.from_dict(h, str(f)) for h in data["history"]]
         return cls(int(data["epoch"]), history, float(data["wall_time"]))
 
