@@ -219,3 +219,23 @@ def test_a_chart_file_of_no_known_kind_is_refused_before_simulating(tmp_path, na
     rc, _, err = run_cli("simulate", "--minibatches", "4", "--png", str(tmp_path / name))
     one_line_error(rc, err, "simulate", "name a chart file ending in .png, .svg, .pdf")
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("command", ["train", "compare"])
+def test_resume_and_overwrite_together_are_refused(command, tmp_path, capsys):
+    from timeprest.cli import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main([command, "--resume", "--overwrite"])
+    assert exit_.value.code == 2
+    assert "--overwrite: not allowed with argument --resume" in capsys.readouterr().err
+
+
+def test_profile_makes_the_folder_of_its_cost_file(tmp_path):
+    out = tmp_path / "new" / "folder" / "costs.json"
+    rc, _, err = run_cli(
+        "profile", "--model", "mlp", "--dataset", "synthetic:train=64,test=32", "--stages", "2",
+        "--microbatches", "2", "--out", str(out),
+    )  # fmt: skip
+    assert rc == 0, err
+    assert json.loads(out.read_text())["stages"]

@@ -49,12 +49,13 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="output directory (default runs/compare-<model>-<dataset>-W<stages>-s<seed>)",
     )
     add_training_flags(p, with_method=False)
-    p.add_argument(
+    either = p.add_mutually_exclusive_group()
+    either.add_argument(
         "--resume",
         action="store_true",
         help="continue unfinished runs in OUT (methods not started yet start fresh)",
     )
-    p.add_argument(
+    either.add_argument(
         "--overwrite", action="store_true", help="retrain every method, replacing what OUT holds"
     )
     p.add_argument("--no-plots", dest="plots", action="store_false", help="table only")

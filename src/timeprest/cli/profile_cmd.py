@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+from pathlib import Path
 from typing import Any
 
 from timeprest.cli.common import add_pipeline_flags, resolve_args
@@ -324,6 +325,7 @@ def _run(args: argparse.Namespace) -> int:
             },
         )
     try:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)  # as train and export do
         cost_model.save(args.out)
     except OSError as exc:
         raise ConfigError(f"cannot write {args.out!r}: {exc.strerror}") from None

@@ -21,12 +21,13 @@ def register(sub: argparse._SubParsersAction) -> None:
         default=argparse.SUPPRESS,  # unset: the config file's, else the default name
         help="where to write the run (default runs/<method>-<model>-<dataset>-W<stages>-s<seed>)",
     )
-    p.add_argument(
+    either = p.add_mutually_exclusive_group()
+    either.add_argument(
         "--resume",
         action="store_true",
         help="continue the run in --run-dir from its last checkpoint",
     )
-    p.add_argument(
+    either.add_argument(
         "--overwrite",
         action="store_true",
         help="replace the run --run-dir holds (removed once the new run has passed its checks)",
