@@ -59,37 +59,77 @@ def test_an_overwrite_that_fails_its_checks_keeps_the_old_run(finished, tmp_path
     assert contents(run_dir) == before
 
 
-def test_an_overwrite_that_passes_replaces_the_whole_run(finished, tmp_path):
+def test_an_overwrite_replaces_what_the_run_wrote_and_keeps_the_rest(finished, tmp_path):
     run_dir = copy_of(finished, tmp_path)
-    (run_dir / "stale.txt").write_text("from the old run")
+    (run_dir / "notes.txt").write_text("mine")
+    (run_dir / "plots").mkdir()
+    (run_dir / "plots" / "old.png").write_bytes(b"from the old run")
+    (run_dir / "work").mkdir()
+    before_logs = (run_dir / "minibatches.jsonl").read_bytes()
     rc, _, err = run_cli("train", *BASE, "--lr", "0.1", "--overwrite", "--run-dir", str(run_dir))
     assert rc == 0, err
     assert json.loads((run_dir / "config.json").read_text())["lr"] == 0.1
-    assert not (run_dir / "stale.txt").exists()
+    assert (run_dir / "minibatches.jsonl").read_bytes() != before_logs
+    assert not (run_dir / "plots").exists()  # what timeprest wrote for the old run goes
+    assert (run_dir / "notes.txt").read_text() == "mine" and (run_dir / "work").is_dir()
 
 
-@pytest.mark.parametrize("config", [{"name": "myapp"}, [1, 2]])
-def test_overwrite_never_deletes_a_folder_whose_config_json_is_not_a_run(tmp_path, config):
-    mine = tmp_path / "project"
-    mine.mkdir()
-    (mine / "config.json").write_text(json.dumps(config))
-    (mine / "main.py").write_text("print('mine')\n")
+def test_overwrite_in_the_folder_it_runs_in_keeps_the_users_files(finished, tmp_path, monkeypatch):
+    run_dir = copy_of(finished, tmp_path)
+    (run_dir / "main.py").write_text("print('mine')\n")
+    monkeypatch.chdir(run_dir)
+    rc, _, err = run_cli("train", *BASE, "--lr", "0.1", "--overwrite", "--run-dir", ".")
+    assert rc == 0, err
+    assert (run_dir / "main.py").read_text() == "print('mine')\n"
+    assert json.loads((run_dir / "config.json").read_text())["lr"] == 0.1
+
+
+@pytest.mark.parametrize("flags", [[], ["--overwrite"]])
+def test_a_folder_of_other_files_is_never_written_into(tmp_path, flags):
+    mine = tmp_path / "thesis"
+    (mine / "docs").mkdir(parents=True)
+    (mine / "docs" / "thesis.tex").write_text("mine")
+    (mine / "epochs.jsonl").write_text("my own log\n")  # a name a run also writes
     before = contents(mine)
-    for flags in (["--overwrite"], ["--resume"], []):
-        rc, _, err = run_cli("train", *BASE, *flags, "--run-dir", str(mine))
-        one_line_error(rc, err, "train", "holds a config.json that no timeprest run wrote")
+    rc, _, err = run_cli("train", *BASE, *flags, "--run-dir", str(mine))
+    one_line_error(rc, err, "train", "exists and is not empty, and holds no timeprest run")
+    assert "--overwrite" not in err  # not offered as the way out
     assert contents(mine) == before
 
 
-def test_overwrite_refuses_the_folder_it_runs_in(finished, tmp_path, monkeypatch):
+def test_a_run_of_an_earlier_version_can_still_be_resumed_and_replaced(finished, tmp_path):
     run_dir = copy_of(finished, tmp_path)
-    (run_dir / "work").mkdir()
-    before = contents(run_dir)
-    for cwd, arg in ((run_dir, "."), (run_dir / "work", "..")):
-        monkeypatch.chdir(cwd)
-        rc, _, err = run_cli("train", *BASE, "--overwrite", "--run-dir", arg)
-        one_line_error(rc, err, "train", "--overwrite would delete")
-    assert contents(run_dir) == before
+    config = json.loads((run_dir / "config.json").read_text())
+    del config["loss_scale"]  # an identity key later versions added
+    (run_dir / "config.json").write_text(json.dumps(config))
+    argv = [*BASE, "--run-dir", str(run_dir)]
+    rc, _, err = run_cli("train", *argv, "--epochs", "2", "--resume")
+    assert rc == 0, err
+    rc, _, err = run_cli("train", *argv, "--overwrite")
+    assert rc == 0, err
+
+
+def test_a_resumed_run_keeps_the_split_that_chose_its_stages(finished, tmp_path):
+    run_dir = copy_of(finished, tmp_path)
+    split = (run_dir / "split.json").read_bytes()
+    rc, _, err = run_cli("train", *BASE, "--epochs", "2", "--resume", "--run-dir", str(run_dir))
+    assert rc == 0, err
+    assert (run_dir / "split.json").read_bytes() == split
+    assert json.loads((run_dir / "config.json").read_text())["epochs"] == 2
+
+
+def test_compare_refuses_a_foreign_method_folder_before_training_any(tmp_path):
+    out = tmp_path / "cmp"
+    (out / "v-timeprest").mkdir(parents=True)
+    (out / "v-timeprest" / "config.json").write_text(json.dumps({"name": "myapp"}))
+    argv = ["compare", *BASE, "--methods", "pipedream,v-timeprest", "--out", str(out)]
+    for flags in ([], ["--overwrite"], ["--resume"]):
+        rc, _, err = run_cli(*argv, *flags, "--no-plots")
+        one_line_error(rc, err, "compare", "no timeprest run wrote: choose another --out")
+        assert not (out / "pipedream").exists()
+    (out / "v-timeprest" / "config.json").write_text("[1, 2]")
+    rc, _, err = run_cli(*argv, "--overwrite", "--no-plots")
+    one_line_error(rc, err, "compare", "no timeprest run wrote")
 
 
 # -- output paths ------------------------------------------------------------------------
@@ -216,9 +256,18 @@ def test_profile_on_cuda_without_cuda_is_one_line(tmp_path):
 
 @pytest.mark.parametrize("name", ["g.jpgx", "chart"])
 def test_a_chart_file_of_no_known_kind_is_refused_before_simulating(tmp_path, name):
+    pytest.importorskip("matplotlib")
     rc, _, err = run_cli("simulate", "--minibatches", "4", "--png", str(tmp_path / name))
-    one_line_error(rc, err, "simulate", "name a chart file ending in .png, .svg, .pdf")
+    one_line_error(rc, err, "simulate", "name a chart file of a kind matplotlib draws (.avif")
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("name", ["g.png", "g.jpg", "g.eps"])
+def test_every_chart_kind_matplotlib_draws_is_taken(tmp_path, name):
+    pytest.importorskip("matplotlib")
+    rc, out, err = run_cli("simulate", "--minibatches", "4", "--png", str(tmp_path / name))
+    assert rc == 0, err
+    assert (tmp_path / name).stat().st_size > 0 and f"Gantt chart: {tmp_path / name}" in out
 
 
 @pytest.mark.parametrize("command", ["train", "compare"])

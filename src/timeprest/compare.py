@@ -49,6 +49,7 @@ from timeprest.train import (
     read_epochs,
     run_training,
 )
+from timeprest.train.rundir import check_empty_or_run, read_run_config
 
 DEFAULT_METHODS = ("pipedream", "timeprest", "v-timeprest", "i-timeprest", "gpipe")
 
@@ -180,16 +181,12 @@ def compare(
 def plan_action(cfg: TrainConfig, *, resume: bool, overwrite: bool) -> Action:
     """What to do with this method's directory; ConfigError when its content must be kept."""
     run_dir = Path(str(cfg.run_dir))
-    cfg_file = run_dir / "config.json"
-    if not cfg_file.exists():
-        if run_dir.exists() and any(run_dir.iterdir()) and not overwrite:
-            raise ConfigError(
-                f"{run_dir} exists and is not empty: choose another --out or pass --overwrite"
-            )
+    old = read_run_config(run_dir, "--out")
+    if old is None:
+        check_empty_or_run(run_dir, "--out")
         return "train"  # with resume too: a method not started yet starts fresh
     if overwrite:
         return "train"
-    old = read_json(cfg_file, "pass --overwrite to replace it")
     diffs = [k for k in REUSE_IDENTITY if old.get(k) != getattr(cfg, k)]
     if not diffs and _finished(run_dir, cfg.epochs):
         return "reuse"

@@ -65,6 +65,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     except OSError as exc:  # a path the user gave: not a directory, no permission, no space
         print(f"timeprest {args.command}: error: {describe_os_error(exc)}", file=sys.stderr)
+        if getattr(args, "verbose", False):
+            import traceback
+
+            traceback.print_exc()
         return 2
 
 

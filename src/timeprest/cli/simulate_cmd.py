@@ -137,8 +137,20 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-CHART_SUFFIXES = (".png", ".svg", ".pdf")
-"""What ``--png`` may name (matplotlib picks the format from the suffix)."""
+def check_chart_name(path: str) -> None:
+    """``--png`` names a file of a kind matplotlib draws (it picks the format from the
+    suffix), checked before the simulation; without matplotlib the drawing says so."""
+    suffix = os.path.splitext(path)[1].lower().lstrip(".")
+    try:
+        from matplotlib.backend_bases import FigureCanvasBase
+    except ImportError:
+        kinds = None
+    else:
+        kinds = sorted(FigureCanvasBase.get_supported_filetypes())
+    if not suffix or (kinds is not None and suffix not in kinds):
+        known = f" ({', '.join('.' + k for k in kinds)})" if kinds else ""
+        raise ConfigError(f"--png {path}: name a chart file of a kind matplotlib draws{known}")
+
 
 # the uniform cost model's defaults: forward 1 s, backward 2 s, nothing else
 UNIFORM_DEFAULTS: dict[str, float] = {
@@ -161,10 +173,8 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(
             f"--cost-file {args.cost_file} gives every cost; drop {flags} or drop --cost-file"
         )
-    if args.png and os.path.splitext(args.png)[1].lower() not in CHART_SUFFIXES:
-        raise ConfigError(
-            f"--png {args.png}: name a chart file ending in {', '.join(CHART_SUFFIXES)}"
-        )
+    if args.png:
+        check_chart_name(args.png)
     v = {**UNIFORM_DEFAULTS, **given}
     for name, value in v.items():
         if not (value >= 0):  # also NaN

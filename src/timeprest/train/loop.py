@@ -245,14 +245,16 @@ def _train(
         if ctx.writes:
             trim_logs(epochs_log, mb_log, done.history, pipe.minibatches_done, evals_log)
         log(f"resumed {run_dir} after epoch {done.epoch}")
-    elif ctx.writes:
-        # every check has passed: only now does --overwrite remove the run it replaces
-        clear_replaced_run(cfg, resume=resume, overwrite=overwrite)
-        for old in (epochs_log, mb_log, evals_log):
-            old.unlink(missing_ok=True)
-    if ctx.writes:  # a resumed run keeps the split.json that chose its stages
+
+    def write_files() -> None:
+        if not resume:  # every check has passed: only now is a replaced run removed
+            clear_replaced_run(run_dir)
+        # a resumed run keeps the split.json that chose its stages
         split = None if resume and (run_dir / "split.json").exists() else plan.to_dict()
-        write_run_files(run_dir, cfg, pipe.describe(), info.augment, split, **ctx.env())
+        write_run_files(run_dir, cfg, pipe.describe(), info.augment, split, **env)
+
+    env = ctx.env()
+    ctx.on_writer("writing the run files", write_files)
     tb = EpochWriter(run_dir, start_epoch=done.epoch, enabled=ctx.writes)  # no-op without TB
     history = list(done.history)
     factor = lr_factor(cfg, steps_per_epoch)

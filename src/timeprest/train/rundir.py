@@ -10,7 +10,8 @@
 ``checkpoint/``        the latest end-of-epoch checkpoint, with ``progress.json``
 =====================  =====================================================
 
-A user's run is never deleted unless ``--overwrite`` says so.
+A user's run is never deleted unless ``--overwrite`` says so, and then only what
+the run wrote; a directory that holds anything else but no run is never written into.
 """
 
 from __future__ import annotations
@@ -42,6 +43,45 @@ def run_dir_of(cfg: TrainConfig) -> Path:
     return Path(cfg.run_dir) if cfg.run_dir else default_run_dir(cfg)
 
 
+RUN_FILES = (
+    "config.json",
+    "env.json",
+    "split.json",
+    "summary.json",
+    "epochs.jsonl",
+    "minibatches.jsonl",
+    "evals.jsonl",
+)
+RUN_FOLDERS = ("checkpoint", "tensorboard", "plots")
+RUN_MARKS = ("method", "model", "dataset")  # with "resolved": a config.json a run wrote
+"""What a run writes into its directory (``plots``: ``timeprest plot``'s default): all that
+``--overwrite`` removes. Anything else a user keeps there stays."""
+
+
+def read_run_config(run_dir: Path, flag: str = "--run-dir") -> dict[str, Any] | None:
+    """The ``config.json`` of the run in ``run_dir``, None where there is none; one that no
+    timeprest run wrote (no ``resolved`` section, no method, model and dataset) is refused,
+    so that no mode ever replaces it. ``flag``: the option that names another directory."""
+    f = run_dir / "config.json"
+    if not f.exists():
+        return None
+    old = read_json(f, f"choose another {flag}")
+    if not (isinstance(old, dict) and all(k in old for k in ("resolved", *RUN_MARKS))):
+        raise ConfigError(
+            f"{run_dir} holds a config.json that no timeprest run wrote: choose another {flag}"
+        )
+    return old
+
+
+def check_empty_or_run(run_dir: Path, flag: str = "--run-dir") -> None:
+    """A directory without a run must be empty (or absent): a new run never writes among
+    a user's files, with ``--overwrite`` neither."""
+    if run_dir.is_dir() and any(run_dir.iterdir()):
+        raise ConfigError(
+            f"{run_dir} exists and is not empty, and holds no timeprest run: choose another {flag}"
+        )
+
+
 def prepare_run_dir(cfg: TrainConfig, *, resume: bool, overwrite: bool) -> Path:
     """Create the run directory, or check that resuming (or replacing) it fits ``cfg``.
 
@@ -51,14 +91,8 @@ def prepare_run_dir(cfg: TrainConfig, *, resume: bool, overwrite: bool) -> Path:
     run_dir = run_dir_of(cfg)
     if run_dir.exists() and not run_dir.is_dir():
         raise ConfigError(f"cannot create run dir {run_dir}: a file of that name exists")
-    cfg_file = run_dir / "config.json"
-    if cfg_file.exists():
-        old = read_json(cfg_file)
-        if not (isinstance(old, dict) and all(k in old for k in RUN_IDENTITY)):
-            raise ConfigError(
-                f"run dir {run_dir} holds a config.json that no timeprest run wrote: "
-                "choose another --run-dir"
-            )
+    old = read_run_config(run_dir)
+    if old is not None:
         diffs = [k for k in RUN_IDENTITY if old.get(k) != getattr(cfg, k)]
         if resume:
             if diffs:
@@ -67,9 +101,7 @@ def prepare_run_dir(cfg: TrainConfig, *, resume: bool, overwrite: bool) -> Path:
                     f"cannot resume {run_dir}: it was run with {k}={old.get(k)!r}, "
                     f"now {k}={getattr(cfg, k)!r}"
                 )
-        elif overwrite:
-            _check_replaceable(run_dir)
-        else:
+        elif not overwrite:
             what = (
                 f"a different run ({diffs[0]}={old.get(diffs[0])!r})"
                 if diffs
@@ -81,10 +113,8 @@ def prepare_run_dir(cfg: TrainConfig, *, resume: bool, overwrite: bool) -> Path:
             )
     elif resume:
         raise ConfigError(f"--resume: {run_dir} holds no run (no config.json)")
-    elif run_dir.exists() and any(run_dir.iterdir()) and not overwrite:
-        raise ConfigError(
-            f"run dir {run_dir} exists and is not empty: choose another --run-dir or --overwrite"
-        )
+    else:
+        check_empty_or_run(run_dir)
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
@@ -94,26 +124,18 @@ def prepare_run_dir(cfg: TrainConfig, *, resume: bool, overwrite: bool) -> Path:
     return run_dir
 
 
-def _check_replaceable(run_dir: Path) -> None:
-    """``--overwrite`` removes a whole run dir: never one that holds the working
-    directory or the home directory."""
-    where = run_dir.resolve()
-    for kept in (Path.cwd().resolve(), Path.home().resolve()):
-        if where == kept or where in kept.parents:
-            raise ConfigError(
-                f"--overwrite would delete {run_dir}, which holds {kept}: "
-                "choose a --run-dir of its own"
-            )
-
-
-def clear_replaced_run(cfg: TrainConfig, *, resume: bool, overwrite: bool) -> None:
-    """Remove the run that ``--overwrite`` replaces (checked by :func:`prepare_run_dir`),
-    right before the new run writes its first file: a run that fails its checks
-    earlier leaves the old one as it was."""
-    run_dir = run_dir_of(cfg)
-    if overwrite and not resume and (run_dir / "config.json").exists():
-        shutil.rmtree(run_dir)
-        run_dir.mkdir(parents=True)
+def clear_replaced_run(run_dir: Path) -> None:
+    """Remove what the run in ``run_dir`` wrote (:data:`RUN_FILES`, :data:`RUN_FOLDERS`),
+    right before the run that ``--overwrite`` starts writes its first file: a run that
+    fails its checks earlier leaves the old one as it was."""
+    for name in RUN_FILES:
+        (run_dir / name).unlink(missing_ok=True)
+    for name in RUN_FOLDERS:
+        d = run_dir / name
+        if d.is_symlink():
+            d.unlink()
+        elif d.is_dir():
+            shutil.rmtree(d)
 
 
 def environment(cfg: TrainConfig) -> dict[str, Any]:
