@@ -21,17 +21,22 @@ def read_json(path: Path, hint: str = "") -> Any:
         why = "not UTF-8 text"
     except (OSError, json.JSONDecodeError) as exc:
         why = str(exc)
-    raise ConfigError(f"{path} is unreadable: {why}" + (f"; {hint}" if hint else "")) from None
+    raise _unreadable(path, why, hint) from None
 
 
 def read_json_object(path: Path, keys: tuple[str, ...] = (), hint: str = "") -> dict[str, Any]:
     """:func:`read_json` of a file that must hold a JSON object with ``keys``."""
     data = read_json(path, hint)
-    missing = [k for k in keys if k not in data] if isinstance(data, dict) else None
-    if missing is None or missing:
-        what = f"no {missing[0]!r}" if missing else "not a JSON object"
-        raise ConfigError(f"{path} is unreadable: {what}" + (f"; {hint}" if hint else ""))
+    if not isinstance(data, dict):
+        raise _unreadable(path, "not a JSON object", hint)
+    for k in keys:
+        if k not in data:
+            raise _unreadable(path, f"no {k!r}", hint)
     return data
+
+
+def _unreadable(path: Path, why: str, hint: str) -> ConfigError:
+    return ConfigError(f"{path} is unreadable: {why}" + (f"; {hint}" if hint else ""))
 
 
 def write_json(path: Path, data: Any) -> None:

@@ -230,10 +230,9 @@ def _run(args: argparse.Namespace) -> int:
         raise ConfigError("--layers-only times the layers alone: not with --engine distributed")
     if args.engine == "distributed" and args.device != "cpu":
         raise ConfigError("--engine distributed profiles on the CPU (gloo): drop --device")
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(
-            f"--device {args.device} but no CUDA device is available; use --device cpu"
-        )
+    from timeprest.device import check_available
+
+    check_available(args.device)
     if args.model == "gpt":
         raise ConfigError(
             "timeprest profile times the image models on an image dataset: --model gpt is not "

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import warnings
 
@@ -137,21 +136,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-def check_chart_name(path: str) -> None:
-    """``--png`` names a file of a kind matplotlib draws (it picks the format from the
-    suffix), checked before the simulation; without matplotlib the drawing says so."""
-    suffix = os.path.splitext(path)[1].lower().lstrip(".")
-    try:
-        from matplotlib.backend_bases import FigureCanvasBase
-    except ImportError:
-        kinds = None
-    else:
-        kinds = sorted(FigureCanvasBase.get_supported_filetypes())
-    if not suffix or (kinds is not None and suffix not in kinds):
-        known = f" ({', '.join('.' + k for k in kinds)})" if kinds else ""
-        raise ConfigError(f"--png {path}: name a chart file of a kind matplotlib draws{known}")
-
-
 # the uniform cost model's defaults: forward 1 s, backward 2 s, nothing else
 UNIFORM_DEFAULTS: dict[str, float] = {
     "forward_time": 1.0,
@@ -173,8 +157,10 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(
             f"--cost-file {args.cost_file} gives every cost; drop {flags} or drop --cost-file"
         )
-    if args.png:
-        check_chart_name(args.png)
+    if args.png:  # before the simulation
+        from timeprest.sim.gantt import check_chart_path  # matplotlib only when asked for
+
+        check_chart_path(args.png, "--png ")
     v = {**UNIFORM_DEFAULTS, **given}
     for name, value in v.items():
         if not (value >= 0):  # also NaN

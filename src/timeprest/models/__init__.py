@@ -32,6 +32,12 @@ MODEL_NAMES = (*_BUILDERS, "gpt")
 DEFAULT_MODEL = "cnn"
 
 
+def check_model_name(name: str) -> None:
+    """ConfigError unless ``name`` is one of :data:`MODEL_NAMES`."""
+    if name not in MODEL_NAMES:
+        raise ConfigError(f"unknown model {name!r}; valid names: {', '.join(MODEL_NAMES)}")
+
+
 def build_model(
     name: str,
     *,
@@ -48,8 +54,7 @@ def build_model(
         return gpt(**dict(options or {}))  # type: ignore[arg-type]
     if options:
         raise ConfigError(f"model {name} takes no --model-opt (only gpt does), got {dict(options)}")
-    if name not in _BUILDERS:
-        raise ConfigError(f"unknown model {name!r}; valid names: {', '.join(MODEL_NAMES)}")
+    check_model_name(name)
     for field, value in (
         ("in_channels", in_channels),
         ("num_classes", num_classes),

@@ -32,6 +32,23 @@ def _pyplot() -> Any:
     return plt
 
 
+def check_chart_path(path: str | os.PathLike[str], what: str = "") -> None:
+    """ConfigError unless ``path`` names a file of a kind matplotlib draws (it picks the
+    format from the suffix); without matplotlib, :func:`_pyplot` says what is missing."""
+    suffix = os.path.splitext(os.fspath(path))[1].lower().lstrip(".")
+    try:
+        from matplotlib.backend_bases import FigureCanvasBase
+    except ImportError:
+        kinds = None
+    else:
+        kinds = sorted(FigureCanvasBase.get_supported_filetypes())
+    if not suffix or (kinds is not None and suffix not in kinds):
+        known = f" ({', '.join('.' + k for k in kinds)})" if kinds else ""
+        raise ConfigError(
+            f"{what}{os.fspath(path)}: name a chart file of a kind matplotlib draws{known}"
+        )
+
+
 def _scale_bytes(peak: float) -> tuple[float, str]:
     for div, unit in ((1024**3, "GiB"), (1024**2, "MiB"), (1024, "KiB")):
         if peak >= div:
@@ -49,6 +66,7 @@ def draw_gantt(
 ) -> None:
     """Write the chart of ``result`` to ``path`` (PNG, or any format matplotlib infers)."""
     plt = _pyplot()
+    check_chart_path(path)
     w = result.num_stages
     span = result.makespan
     # wide enough that the shortest box can hold a label written upwards

@@ -259,14 +259,11 @@ class TrainConfig:
 
     def validate(self) -> None:
         """Raise ConfigError for any bad value, with the value and the fix."""
-        from timeprest.models import MODEL_NAMES
+        from timeprest.models import check_model_name
+        from timeprest.tasks import task_for
 
         get_method(self.method)
-        if self.model not in MODEL_NAMES:  # before a distributed run starts its processes
-            raise ConfigError(
-                f"unknown model {self.model!r}; valid names: {', '.join(MODEL_NAMES)}"
-            )
-        from timeprest.tasks import task_for
+        check_model_name(self.model)  # before a distributed run starts its processes
 
         task_for(self)  # a model that does not fit the dataset's task (gpt on images)
         for name in ("stages", "epochs", "batch_size", "eval_batch_size", "data_parallel"):
@@ -306,11 +303,9 @@ class TrainConfig:
             from timeprest.stage.precision import check_loss_scale
 
             check_loss_scale(self.precision, self.loss_scale)
-        if self.device == "cuda":
-            import torch
+        from timeprest.device import check_available
 
-            if not torch.cuda.is_available():
-                raise ConfigError("--device cuda but no CUDA device is available; use --device cpu")
+        check_available(self.device)
         procs = self.stages * self.data_parallel
         if self.engine == "distributed" and self.nproc is not None and self.nproc != procs:
             if self.data_parallel == 1:

@@ -251,9 +251,8 @@ def _train(
             clear_replaced_run(run_dir)
         # a resumed run keeps the split.json that chose its stages
         split = None if resume and (run_dir / "split.json").exists() else plan.to_dict()
-        write_run_files(run_dir, cfg, pipe.describe(), info.augment, split, **env)
+        write_run_files(run_dir, cfg, pipe.describe(), info.augment, split, **ctx.env())
 
-    env = ctx.env()
     ctx.on_writer("writing the run files", write_files)
     tb = EpochWriter(run_dir, start_epoch=done.epoch, enabled=ctx.writes)  # no-op without TB
     history = list(done.history)

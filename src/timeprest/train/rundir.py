@@ -53,9 +53,9 @@ RUN_FILES = (
     "evals.jsonl",
 )
 RUN_FOLDERS = ("checkpoint", "tensorboard", "plots")
+"""With :data:`RUN_FILES`, what a run writes into its directory (``plots``: ``timeprest
+plot``'s default): all that ``--overwrite`` removes. Anything else a user keeps there stays."""
 RUN_MARKS = ("method", "model", "dataset")  # with "resolved": a config.json a run wrote
-"""What a run writes into its directory (``plots``: ``timeprest plot``'s default): all that
-``--overwrite`` removes. Anything else a user keeps there stays."""
 
 
 def read_run_config(run_dir: Path, flag: str = "--run-dir") -> dict[str, Any] | None:
@@ -125,9 +125,10 @@ def prepare_run_dir(cfg: TrainConfig, *, resume: bool, overwrite: bool) -> Path:
 
 
 def clear_replaced_run(run_dir: Path) -> None:
-    """Remove what the run in ``run_dir`` wrote (:data:`RUN_FILES`, :data:`RUN_FOLDERS`),
-    right before the run that ``--overwrite`` starts writes its first file: a run that
-    fails its checks earlier leaves the old one as it was."""
+    """Remove what a run wrote in ``run_dir`` (:data:`RUN_FILES`, :data:`RUN_FOLDERS`;
+    nothing in a new one), right before a new run writes its first file there: a run
+    that ``--overwrite`` starts and that fails its checks earlier leaves the old one as
+    it was."""
     for name in RUN_FILES:
         (run_dir / name).unlink(missing_ok=True)
     for name in RUN_FOLDERS:
